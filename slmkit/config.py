@@ -1,0 +1,241 @@
+"""Typed configuration: `ModelConfig` (architecture) and `TrainConfig` (optimisation), with named presets.
+
+Configs are plain dataclasses. YAML/JSON files are their serialised form; CLI flags override single fields. Every
+field is validated in `__post_init__` with a message naming the field and the allowed values.
+
+>>> cfg = ModelConfig.preset("gpt-0.8m", vocab_size=65)
+>>> cfg.n_layer, cfg.n_embd
+(4, 128)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Self, get_args
+
+import yaml
+
+from slmkit.errors import SlmError
+
+Norm = Literal["layernorm", "rmsnorm"]
+Mlp = Literal["gelu", "swiglu"]
+Pos = Literal["learned", "sinusoidal", "rope", "none"]
+Optimizer = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "wsd", "constant"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+def _check_choice(obj: Any, name: str, kind: Any) -> None:
+    allowed = get_args(kind)
+    if getattr(obj, name) not in allowed:
+        raise SlmError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r} is invalid; allowed: {', '.join(allowed)}")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SlmError(msg)
+
+
+class _Serializable:
+    """Dict/YAML round-trip shared by the config dataclasses; unknown keys are an error, not silently dropped."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SlmError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> Self:
+        """A copy with some fields changed (validated again)."""
+        return self.from_dict({**self.to_dict(), **overrides})
+
+    def save(self, path: str | Path) -> None:
+        from slmkit.fsutil import write_bytes
+
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(self.to_dict())
+        write_bytes(path, text.encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise SlmError(f"config file not found: {path}") from None
+        try:
+            d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise SlmError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise SlmError(f"config {path} must hold a mapping of field: value")
+        return cls.from_dict(d)
+
+
+@dataclass
+class ModelConfig(_Serializable):
+    """Architecture of one transformer. GPT-2 style and Llama style are two settings of the same fields.
+
+    GPT-2 style: pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True.
+    Llama style: pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head < n_head (GQA), bias=False.
+    """
+
+    vocab_size: int = 256
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
+    n_embd: int = 128
+    mlp: Mlp = "gelu"
+    mlp_hidden: int | None = None  # None = 4*n_embd (gelu) or 8/3*n_embd rounded up to 32 (swiglu)
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    pos: Pos = "learned"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name, kind in (("mlp", Mlp), ("norm", Norm), ("pos", Pos)):
+            _check_choice(self, name, kind)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"ModelConfig.{name}={v!r} must be a positive integer")
+        _check(
+            self.n_embd % self.n_head == 0,
+            f"ModelConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (try n_head in "
+            f"{[h for h in range(1, 33) if self.n_embd % h == 0][-4:]})",
+        )
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _check(
+            self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
+            f"ModelConfig.n_kv_head={self.n_kv_head} must be a positive divisor of n_head={self.n_head}",
+        )
+        _check(self.pos != "rope" or self.head_dim % 2 == 0,
+               f"ModelConfig: pos='rope' needs an even head_dim, got {self.head_dim}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        _check(self.mlp_hidden > 0, f"ModelConfig.mlp_hidden={self.mlp_hidden} must be positive")
+        _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout={self.dropout} must be in [0, 1)")
+        _check(self.norm_eps > 0 and self.init_std > 0, "ModelConfig.norm_eps and init_std must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @staticmethod
+    def presets() -> dict[str, dict[str, Any]]:
+        return dict(PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset, with optional field overrides (typically `vocab_size` from the data)."""
+        if name not in PRESETS:
+            raise SlmError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+_GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
+_LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=True)
+
+# Sizes are non-embedding parameters (12·L·d² for GPT-2 style); embeddings add vocab·d on top.
+PRESETS: dict[str, dict[str, Any]] = {
+    # nanoGPT's CPU config for char-level Shakespeare: 4 layers, 4 heads, 128 dims, context 64.
+    "gpt-0.8m": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "llama-0.8m": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128),
+    # quickstart size: trains to recognisable text in a few minutes on 2 cores.
+    "llama-3m": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=192, block_size=256),
+    "gpt-3m": dict(_GPT2, n_layer=6, n_head=6, n_embd=192, block_size=256),
+    "llama-10m": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=512),
+    "llama-30m": dict(_LLAMA, n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512),
+}
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'90' / '90s' / '5m' / '1.5h' → seconds."""
+    if text is None or isinstance(text, int | float):
+        return None if text is None else float(text)
+    m = _DURATION.match(text)
+    if not m:
+        raise SlmError(f"cannot read duration {text!r}; use e.g. 90s, 5m or 1.5h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@dataclass
+class TrainConfig(_Serializable):
+    """Optimisation and budget. A run stops at whichever of `max_steps` / `max_time` comes first."""
+
+    optimizer: Optimizer = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    momentum: float = 0.9  # sgd only
+    grad_clip: float = 1.0  # 0 disables
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 50
+    decay_frac: float = 0.2  # wsd: final fraction of the run spent decaying
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int | None = None
+    max_time: float | None = None  # seconds of training (evaluation and checkpoint time not counted)
+    eval_interval: int = 100
+    eval_batches: int = 20
+    ckpt_interval: int = 500
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    precision: Precision = "auto"  # auto: bf16 autocast only where the CPU has native bf16 (see runtime.py)
+    threads: int | None = None  # None = all cores this process may use
+    seed: int = 1337
+    compile: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded in meta.json
+
+    def __post_init__(self) -> None:
+        for name, kind in (("optimizer", Optimizer), ("schedule", Schedule), ("precision", Precision)):
+            _check_choice(self, name, kind)
+        self.max_time = parse_duration(self.max_time)
+        _check(self.lr > 0, f"TrainConfig.lr={self.lr} must be positive (typical: 1e-3 to 6e-3 for small models)")
+        _check(0 <= self.min_lr_ratio <= 1, f"TrainConfig.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.weight_decay >= 0, f"TrainConfig.weight_decay={self.weight_decay} must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "TrainConfig.beta1/beta2 must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"TrainConfig.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        _check(0 < self.decay_frac <= 1, f"TrainConfig.decay_frac={self.decay_frac} must be in (0, 1]")
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval",
+                     "keep_checkpoints"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"TrainConfig.{name}={v!r} must be a positive integer")
+        _check(self.warmup_steps >= 0, f"TrainConfig.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.max_steps is None or self.max_steps > 0, f"TrainConfig.max_steps={self.max_steps} must be > 0")
+        _check(self.max_time is None or self.max_time > 0, f"TrainConfig.max_time={self.max_time} must be > 0")
+        _check(self.threads is None or self.threads > 0, f"TrainConfig.threads={self.threads} must be > 0")
+
+
+def coerce_overrides(cls: type, pairs: list[str]) -> dict[str, Any]:
+    """Parse `field=value` strings (from `--set`) into typed values for dataclass `cls` using YAML scalars."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SlmError(f"--set expects field=value, got {pair!r}")
+        if key not in names:
+            raise SlmError(f"unknown {cls.__name__} field {key!r}; known: {', '.join(sorted(names))}")
+        out[key] = yaml.safe_load(value)
+    return out

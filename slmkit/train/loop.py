@@ -1,0 +1,308 @@
+"""The training loop, written out: build → loop { batch, forward, backward, clip, step, schedule, eval, checkpoint }.
+
+Run directory:
+    out/meta.json           inputs (data, model and train config, versions) + status/result, rewritten atomically
+    out/metrics.jsonl       one record per log/eval step
+    out/loss.png            loss curves
+    out/checkpoints/step_N/ see slmkit.checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmkit import checkpoint
+from slmkit.config import ModelConfig, TrainConfig
+from slmkit.data import load_split, load_tokenizer
+from slmkit.errors import SlmError
+from slmkit.eval.lm import bits_per_byte, lm_loss
+from slmkit.fsutil import write_json
+from slmkit.model import GPT
+from slmkit.runtime import autocast, resolve_precision, set_threads
+from slmkit.train.optim import build_optimizer, lr_at
+from slmkit.train.report import plot_metrics
+from slmkit.versions import versions
+
+
+class Batcher:
+    """Random (B, T) windows from a memory-mapped token array; its RNG state is part of the checkpoint, so a resumed
+    run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int):
+        if len(tokens) < block_size + 2:
+            raise SlmError(f"the train split has {len(tokens)} tokens, fewer than one context of {block_size + 1}; "
+                           f"use more data or a smaller block_size")
+        self.tokens, self.B, self.T = tokens, batch_size, block_size
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.offsets = np.arange(block_size + 1)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.rng.integers(0, len(self.tokens) - self.T - 1, size=self.B)
+        chunk = torch.from_numpy(self.tokens[starts[:, None] + self.offsets].astype(np.int64))  # (B, T+1)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
+
+
+class StopFlag:
+    """First Ctrl-C / SIGTERM asks the loop to stop at the next step boundary (and checkpoint); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+class MetricsLog:
+    """metrics.jsonl: appended line by line; on resume, records past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a kill can leave a partial last line
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= resume_step:
+                        self.records.append(rec)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.file = path.open("a", buffering=1)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        self.file.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    train_time: float
+    tokens_per_s: float
+    train_loss: float
+    val_loss: float
+    val_bpb: float
+    num_params: int
+    status: str
+
+
+def _progress_bar(enabled: bool) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.description}"), disable=not enabled, transient=False,
+    )
+
+
+def train(
+    data: str | Path | None,
+    out: str | Path,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model on prepared shards (`slm data prepare`) and write a run directory.
+
+    >>> train("runs/data/shk", "runs/shk-small", ModelConfig.preset("llama-3m"), TrainConfig(max_time=300))
+    >>> train(None, "runs/shk-small", resume=True)   # continue exactly where it stopped
+
+    On resume, configs come from the run; a given `train_config` replaces the saved one (e.g. a larger budget).
+    """
+    out = Path(out)
+    # --- decide everything above the loop -------------------------------------------------------------------------
+    resume_from: Path | None = None
+    if resume:
+        if not (out / "meta.json").exists():
+            raise SlmError(f"cannot resume: {out} is not a run directory (no meta.json)")
+        run_meta = checkpoint.read_json(out / "meta.json")
+        data = Path(run_meta["data"])
+        model_config = ModelConfig.from_dict(run_meta["model"])
+        train_config = train_config or TrainConfig.from_dict(run_meta["train"])
+        ckpts = checkpoint.list_checkpoints(out)
+        resume_from = ckpts[-1] if ckpts else None
+    else:
+        if data is None:
+            raise SlmError("give the prepared data directory (--data), e.g. from `slm data prepare`")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise SlmError(f"{out} already exists; resume it with --resume, pass --overwrite, or choose another --out")
+        train_config = train_config or TrainConfig()
+    if train_config.max_steps is None and train_config.max_time is None:
+        raise SlmError("give a budget: --max-steps N and/or --max-time 5m")
+    data = Path(data)
+    train_shard, val_shard = load_split(data, "train"), load_split(data, "val")
+    tokenizer = load_tokenizer(data)
+    model_config = (model_config or ModelConfig()).replace(vocab_size=tokenizer.vocab_size)
+    tc = train_config
+    threads = set_threads(tc.threads)
+    precision = resolve_precision(tc.precision)
+    T = model_config.block_size
+
+    torch.manual_seed(tc.seed)
+    model = GPT(model_config)
+    optimizer = build_optimizer(model.param_groups(tc.weight_decay), tc)
+    batcher = Batcher(train_shard.tokens, tc.batch_size, T, tc.seed)
+    step, tokens_seen, train_time = 0, 0, 0.0
+    if resume_from is not None:
+        checkpoint.load_weights(model, resume_from / "model.safetensors")
+        opt_state, state = checkpoint.load_train_state(resume_from)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        torch.set_rng_state(opt_state["torch_rng"])
+        batcher.load_state(state["batcher"])
+        step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time"]
+    forward = torch.compile(model) if tc.compile else model
+
+    if overwrite and not resume and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_meta = {
+        "kind": "slmkit-run/1",
+        "data": str(data.resolve()),
+        "data_meta": {"tokenizer_sha256": train_shard.tokenizer_sha256, "bytes_per_token": val_shard.bytes_per_token},
+        "model": model_config.to_dict(),
+        "train": tc.to_dict(),
+        "runtime": {"threads": threads, "precision": precision},
+        "params": {"total": model.num_params(), "non_embedding": model.num_params(non_embedding=True),
+                   "flops_per_token": model.flops_per_token()},
+        "versions": versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "status": "running",
+    }
+    write_json(out / "meta.json", run_meta)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
+
+    tokens_per_step = tc.batch_size * tc.grad_accum * T
+    eval_windows = tc.eval_batches * tc.batch_size
+
+    def progress_of(step: int, train_time: float) -> float:
+        p = 0.0
+        if tc.max_steps:
+            p = max(p, step / tc.max_steps)
+        if tc.max_time:
+            p = max(p, train_time / tc.max_time)
+        return p
+
+    def evaluate(final: bool = False) -> tuple[float, float]:
+        # fixed, evenly spread windows (no sampling noise between evals); the final eval reads 4x as many
+        loss = lm_loss(forward, val_shard.tokens, block_size=T, batch_size=tc.batch_size,
+                       max_windows=eval_windows * (4 if final else 1), precision=precision)
+        return loss, bits_per_byte(loss, val_shard.bytes_per_token)
+
+    def save_checkpoint(val: tuple[float, float] | None) -> None:
+        meta = {
+            "step": step, "tokens": tokens_seen, "train_time": round(train_time, 3),
+            "val_loss": val[0] if val else None, "val_bpb": val[1] if val else None,
+            "data": run_meta["data"], "data_meta": run_meta["data_meta"], "train": tc.to_dict(),
+            "params": run_meta["params"], "versions": run_meta["versions"],
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        checkpoint.save(
+            checkpoint.step_dir(out, step), model, tokenizer, meta,
+            optimizer_state={"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+            trainer_state={"step": step, "tokens": tokens_seen, "train_time": train_time,
+                           "batcher": batcher.state()},
+        )
+        checkpoint.prune(out, tc.keep_checkpoints)
+
+    # --- the loop ---------------------------------------------------------------------------------------------------
+    stop = StopFlag()
+    bar = _progress_bar(progress)
+    task = bar.add_task("", total=1.0)
+    last_loss, last_val, status = float("nan"), None, "finished"
+    window_t, window_tokens = time.perf_counter(), 0
+    model.train()
+    with stop.installed(), bar:
+        start_step = step
+        while True:
+            done = progress_of(step, train_time) >= 1.0
+            if stop.requested:
+                done, status = True, "interrupted"
+            if step % tc.eval_interval == 0 or done:
+                last_val = evaluate(final=done)
+                log.write({"step": step, "tokens": tokens_seen, "time": round(train_time, 3),
+                           "val_loss": last_val[0], "val_bpb": last_val[1]})
+                bar.console.print(f"step {step}: val loss {last_val[0]:.4f} nats/token, {last_val[1]:.4f} bpb")
+            if step > start_step and (step % tc.ckpt_interval == 0 or done):
+                save_checkpoint(last_val)
+            if done:
+                break
+
+            t0 = time.perf_counter()
+            lr = lr_at(tc, step, progress_of(step, train_time))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(tc.grad_accum):
+                x, y = batcher.next()
+                with autocast(precision):
+                    _, loss = forward(x, y)
+                (loss / tc.grad_accum).backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            if step % tc.log_interval == 0:
+                last_loss = loss.item()  # the only sync with the loss: once per log interval
+                if not math.isfinite(last_loss):
+                    raise SlmError(f"loss became {last_loss} at step {step}; lower --lr or enable grad_clip")
+            train_time += time.perf_counter() - t0
+            if step % tc.log_interval == 0:
+                now = time.perf_counter()
+                tps = window_tokens / (now - window_t)
+                window_t, window_tokens = now, 0
+                log.write({"step": step, "tokens": tokens_seen, "time": round(train_time, 3), "lr": lr,
+                           "loss": last_loss, "tok_per_s": round(tps)})
+                val_txt = f" val {last_val[1]:.3f} bpb" if last_val else ""
+                bar.update(task, completed=min(1.0, progress_of(step, train_time)),
+                           description=f"step {step} loss {last_loss:.3f}{val_txt} {tps:,.0f} tok/s")
+    log.close()
+    if last_loss != last_loss:  # never logged (very short run): one sync now
+        last_loss = loss.item() if step > start_step else float("nan")
+    plot_metrics(log.records, out / "loss.png", bytes_per_token=val_shard.bytes_per_token)
+    result = TrainResult(
+        run_dir=out, step=step, tokens=tokens_seen, train_time=train_time,
+        tokens_per_s=tokens_seen / train_time if train_time else 0.0, train_loss=last_loss,
+        val_loss=last_val[0], val_bpb=last_val[1], num_params=model.num_params(), status=status,
+    )
+    run_meta.update(status=status, result={k: v for k, v in result.__dict__.items() if k != "run_dir"})
+    write_json(out / "meta.json", run_meta)
+    return result

@@ -1,0 +1,130 @@
+"""The trainer: learning happens, runs are self-describing, and resume reproduces an uninterrupted run exactly —
+in-process from an earlier checkpoint, and end-to-end after a SIGKILL of the `slm train` process."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slmkit import checkpoint
+from slmkit.config import ModelConfig, TrainConfig
+from slmkit.errors import SlmError
+from slmkit.train import train
+from slmkit.train.optim import lr_at
+
+TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, pos="rope", norm="rmsnorm", mlp="swiglu")
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(max_steps=30, batch_size=8, eval_interval=10, eval_batches=4, ckpt_interval=10, log_interval=5,
+                warmup_steps=5, lr=3e-3, threads=1, precision="fp32", keep_checkpoints=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_reduces_loss_and_writes_a_run(tiny_data, tmp_path):
+    res = train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=60), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    first_val = next(r["val_loss"] for r in records if "val_loss" in r)
+    assert records[0]["step"] == 0 and first_val > 3.0  # untrained: near ln(vocab)
+    assert res.val_loss < first_val - 0.8, (first_val, res.val_loss)
+    assert res.step == 60 and res.tokens == 60 * 8 * 32
+    meta = json.loads((tmp_path / "run/meta.json").read_text())
+    assert meta["status"] == "finished" and meta["params"]["total"] == res.num_params
+    assert (tmp_path / "run/loss.png").stat().st_size > 10_000
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")][-1] == "step_000060"
+
+
+def test_sgd_and_wsd_train_too(tiny_data, tmp_path):
+    res = train(tiny_data, tmp_path / "run", TINY, cfg(optimizer="sgd", lr=0.3, schedule="wsd"), progress=False)
+    assert res.val_loss < 3.0
+
+
+def test_resume_from_an_earlier_checkpoint_reproduces_the_run(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    full = train(tiny_data, run, TINY.replace(dropout=0.1), cfg(), progress=False)
+    final_weights = load_file(str(run / "checkpoints/step_000030/model.safetensors"))
+    for step in (20, 30):  # as if killed right after the step-10 checkpoint
+        shutil.rmtree(run / f"checkpoints/step_{step:06d}")
+    resumed = train(None, run, resume=True, progress=False)
+    assert resumed.step == 30
+    assert resumed.val_loss == full.val_loss
+    again = load_file(str(run / "checkpoints/step_000030/model.safetensors"))
+    for k, v in final_weights.items():
+        torch.testing.assert_close(again[k], v, atol=0, rtol=0)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # records past the checkpoint were dropped before the resumed run appended
+
+
+def test_lr_schedules():
+    c = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=100)
+    assert lr_at(c, 0, 0.0) == pytest.approx(0.1)
+    assert lr_at(c, 50, 0.5) == pytest.approx(0.55)
+    assert lr_at(c, 100, 1.0) == pytest.approx(0.1)
+    w = c.replace(schedule="wsd", decay_frac=0.2)
+    assert lr_at(w, 50, 0.5) == 1.0 and lr_at(w, 90, 0.9) == pytest.approx(0.55)
+
+
+def test_bad_runs(tiny_data, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken/file").write_text("x")
+    with pytest.raises(SlmError, match="already exists"):
+        train(tiny_data, tmp_path / "taken", TINY, cfg())
+    with pytest.raises(SlmError, match="give a budget"):
+        train(tiny_data, tmp_path / "r", TINY, cfg(max_steps=None))
+    with pytest.raises(SlmError, match="not a run directory"):
+        train(None, tmp_path / "taken", resume=True)
+    with pytest.raises(SlmError, match="fewer than one context"):
+        train(tiny_data, tmp_path / "r", TINY.replace(block_size=100_000), cfg())
+    assert not (tmp_path / "r").exists()  # nothing half-written for a run that never started
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=10), progress=False)
+    weights = tmp_path / "run/checkpoints/step_000010/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SlmError, match="truncated or corrupt"):
+        checkpoint.load(tmp_path / "run")
+    opt = tmp_path / "run/checkpoints/step_000010/optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(SlmError, match="truncated or corrupt"):
+        checkpoint.load_train_state(opt.parent)
+
+
+def _slm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "slmkit", *args]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), "--max-steps", "80", "--ckpt-interval", "20", "--eval-interval", "20",
+              "--threads", "1", "--precision", "fp32", "--batch-size", "8", "--quiet",
+              "--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set", "block_size=32",
+              "--set", "keep_checkpoints=5"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_slm("train", *common, "--out", str(tmp_path / "a")), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_slm("train", *common, "--out", str(tmp_path / "b")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "b/checkpoints/step_000040/meta.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b/checkpoints/step_000080").exists()
+    out = subprocess.run(_slm("train", "--resume", str(tmp_path / "b"), "--quiet"), check=True, env=env,
+                         capture_output=True, text=True)
+    assert "finished: step 80" in out.stdout
+
+    a = json.loads((tmp_path / "a/meta.json").read_text())["result"]
+    b = json.loads((tmp_path / "b/meta.json").read_text())["result"]
+    assert b["val_loss"] == a["val_loss"]
+    wa = load_file(str(tmp_path / "a/checkpoints/step_000080/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/step_000080/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
