@@ -155,6 +155,8 @@ _LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddin
 PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's CPU config for char-level Shakespeare: 4 layers, 4 heads, 128 dims, context 64.
     "gpt-0.8m": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=64),
+    # GPT-2 block + RoPE: fastest to a given char-level loss on 2 CPU cores (docs/benchmarks.md, time_to_loss)
+    "gpt-rope-0.8m": dict(_GPT2, pos="rope", bias=False, n_layer=4, n_head=4, n_embd=128, block_size=64),
     "llama-0.8m": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128),
     # quickstart size: trains to recognisable text in a few minutes on 2 cores.
     "llama-3m": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=192, block_size=256),

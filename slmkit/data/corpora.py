@@ -236,8 +236,18 @@ def split_of(doc_name: str, seed: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
+_GIVEN = {"train": "train", "val": "val", "valid": "val", "validation": "val"}
+
+
+def given_split(doc_name: str) -> str | None:
+    """The split a user fixed by naming: `train.txt`, `val.jsonl`, `train/…`, `validation/…` → that split."""
+    top = doc_name.split("/", 1)[0].split("#", 1)[0].split(":", 1)[0]
+    return _GIVEN.get(top.rsplit(".", 1)[0] if "/" not in doc_name else top)
+
+
 def split_documents(docs: Iterable[Document], seed: int, val_fraction: float) -> Iterator[tuple[str, Document]]:
-    """(split, document) for each document, by `split_of`.
+    """(split, document) for each document: a pre-split source (top-level `train*`/`val*` files or folders) keeps its
+    split; every other document goes by `split_of`.
 
     If hashing would leave val empty (tiny corpora), the last document goes to val instead of train; to decide that
     while streaming, each train document is held back until the next one arrives.
@@ -246,6 +256,10 @@ def split_documents(docs: Iterable[Document], seed: int, val_fraction: float) ->
         raise SlmError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.1)")
     has_val, pending = False, None
     for doc in docs:
+        if given := given_split(doc.name):
+            has_val |= given == "val"
+            yield given, doc
+            continue
         if split_of(doc.name, seed, val_fraction) == "val":
             has_val = True
             yield "val", doc

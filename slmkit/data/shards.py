@@ -91,7 +91,7 @@ def prepare(
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with (
-        Progress(*columns, console=console, transient=True, disable=not progress) as bar,
+        Progress(*columns, console=console, transient=True, disable=not (progress and console.is_terminal)) as bar,
         atomic_dir(out, overwrite=overwrite) as tmp,
     ):
         total = sum(p.stat().st_size for p in files)

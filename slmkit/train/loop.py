@@ -119,11 +119,14 @@ class TrainResult:
 
 
 def _progress_bar(enabled: bool) -> Any:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    console = Console()
     return Progress(
         TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.description}"), disable=not enabled, transient=False,
+        TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+        disable=not (enabled and console.is_terminal),  # logs and pipes get the eval lines, not bar redraws
     )
 
 

@@ -241,3 +241,18 @@ def test_bad_val_fraction(fraction: float) -> None:
 def test_jsonl_parses_escapes(tmp_path: Path) -> None:
     (tmp_path / "e.jsonl").write_text(json.dumps({"text": "tab\there \u2603 \"q\""}) + "\n")
     assert docs(tmp_path / "e.jsonl") == [("e.jsonl:1", 'tab\there ☃ "q"')]
+
+
+def test_presplit_sources_keep_their_split(tmp_path):
+    from slmkit.data import split_documents
+    from slmkit.data.corpora import given_split
+
+    assert given_split("train.txt") == "train" and given_split("val.txt#3") == "val"
+    assert given_split("validation/a.txt") == "val" and given_split("train/x/y.md") == "train"
+    assert given_split("trainer.txt") is None and given_split("notes/train.txt") is None
+    (tmp_path / "train").mkdir()
+    for i in range(5):
+        (tmp_path / "train" / f"{i}.txt").write_text(f"train doc {i}\n")
+    (tmp_path / "val.txt").write_text("held out\n")
+    splits = [(s, d.name) for s, d in split_documents(iter_documents(str(tmp_path)), seed=0, val_fraction=0.5)]
+    assert splits == [*(("train", f"train/{i}.txt") for i in range(5)), ("val", "val.txt")]

@@ -1,0 +1,78 @@
+"""The `slm` command: the README's workflow end to end, and one clear line (exit code 2) for each bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from slmkit.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prepare_train_generate_resume(tmp_path, capsys):
+    from conftest import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus")
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    assert run_cli(capsys, "data", "prepare", "--corpus", str(corpus), "--tokenizer", "bpe:300", "--out", data,
+                   "--quiet")[0] == 0
+    tiny = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32"]
+    code, out, _ = run_cli(capsys, "train", "--data", data, "--out", run, "--max-steps", "20", "--batch-size", "4",
+                           "--eval-interval", "10", "--threads", "1", "--quiet", *tiny)
+    assert code == 0 and "finished: step 20" in out
+    code, out, _ = run_cli(capsys, "generate", run, "--prompt", "The king", "--max-new-tokens", "20", "--seed", "1")
+    assert code == 0 and out.startswith("The king") and len(out) > len("The king\n")
+    code, out, _ = run_cli(capsys, "train", "--resume", run, "--max-steps", "30", "--quiet")
+    assert code == 0 and "finished: step 30" in out
+
+
+def test_python_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "slmkit", "--help"], capture_output=True, text=True, check=True)
+    assert "quickstart" in out.stdout and "examples:" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["data", "prepare", "--corpus", "no-such-corpus", "--out", "{tmp}/d"], "unknown corpus 'no-such-corpus'"),
+        (["data", "prepare", "--corpus", "{tmp}/missing.txt", "--out", "{tmp}/d"], "does not exist"),
+        (["data", "prepare", "--corpus", "{tmp}/empty", "--out", "{tmp}/d"], "no text"),
+        (["data", "prepare", "--corpus", "{tmp}/blob.bin", "--out", "{tmp}/d"], "unsupported file type"),
+        (["data", "prepare", "--corpus", "{tmp}/latin1", "--out", "{tmp}/d"], "is not UTF-8 (byte 0xe9"),
+        (["train", "--data", "{tmp}/nodata", "--out", "{tmp}/r", "--max-steps", "5"], "{tmp}/nodata"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--max-steps", "5", "--lr", "-1"], "lr=-1.0 must be"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--max-steps", "5", "--set", "n_head=5"], "must divide"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r"], "give a budget"),
+        (["train", "--resume", "{tmp}/empty"], "not a run directory"),
+        (["generate", "{tmp}/empty"], "holds no checkpoint"),
+        (["generate", "{tmp}/nothing-here"], "no such checkpoint"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, tiny_data, args, needle):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/a.txt").write_text("")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1/a.txt").write_bytes("café au lait\n".encode("latin-1"))
+    args = [a.format(tmp=tmp_path, data=tiny_data) for a in args]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("slm: error: ") and err.count("\n") == 1, err
+    assert needle.format(tmp=tmp_path) in err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_existing_out_is_refused(tmp_path, capsys):
+    from conftest import make_corpus
+
+    corpus = str(make_corpus(tmp_path / "c"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken/keep.txt").write_text("precious")
+    code, _, err = run_cli(capsys, "data", "prepare", "--corpus", corpus, "--out", str(tmp_path / "taken"))
+    assert code == 2 and "already exists" in err
+    assert (tmp_path / "taken/keep.txt").read_text() == "precious"
