@@ -71,14 +71,15 @@ class HFGPT2(torch.nn.Module):
 
 def hf_train_loop(model: HFGPT2, tokens: np.ndarray, *, steps: int, batch_size: int, block_size: int, lr: float,
                   warmup_steps: int, min_lr_ratio: float, weight_decay: float, beta2: float, seed: int,
-                  on_step=None) -> float:
+                  decay_steps: int | None = None, on_step=None) -> float:
     """The peer: a plain PyTorch loop over transformers' model + torch.optim.AdamW, same batches and schedule as
     slmkit's trainer. Returns seconds spent in training steps (batch assembly and `on_step` excluded)."""
     from slmkit.config import TrainConfig
     from slmkit.train.loop import Batcher
     from slmkit.train.optim import lr_at
 
-    sched = TrainConfig(lr=lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_steps=steps)
+    decay_steps = decay_steps or steps  # nanoGPT's lr_decay_iters: cosine over these, then min_lr
+    sched = TrainConfig(lr=lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, max_steps=decay_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=weight_decay)
     batcher = Batcher(tokens, batch_size, block_size, seed)
     model.train()
@@ -87,7 +88,7 @@ def hf_train_loop(model: HFGPT2, tokens: np.ndarray, *, steps: int, batch_size: 
         x, y = batcher.next()
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(sched, step, step / steps)
+            g["lr"] = lr_at(sched, step, step / decay_steps)
         _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

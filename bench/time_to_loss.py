@@ -75,7 +75,8 @@ def run_peer(data: Path, target: float, max_steps: int = 3000) -> tuple[float | 
 
     # nanoGPT decays over 2000 iterations (lr_decay_iters); running past it continues at min_lr
     hf_train_loop(model, train_split.tokens, steps=max_steps, batch_size=12, block_size=64, lr=1e-3,
-                  warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, beta2=0.99, seed=0, on_step=on_step)
+                  warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, beta2=0.99, seed=0, decay_steps=2000,
+                  on_step=on_step)
     return state["hit"], state["val"], state["steps"]
 
 

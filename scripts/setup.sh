@@ -23,7 +23,6 @@ stamp=.venv/.slmkit-setup
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing pinned dependencies into .venv (torch CPU build; first time takes a few minutes)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
   # torch first and alone, pinned: an unpinned torch pulled in by another package would fetch a multi-GB CUDA build
   .venv/bin/python -m pip install -q torch==2.13.0
   # the lock is a complete environment, so no resolution is needed (and the corpus packages must not pull deps)

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     q.add_argument("--corpus", default="shakespeare")
     q.add_argument("--tokenizer", default="bpe:2048")
-    q.add_argument("--preset", default="llama-3m", choices=list(PRESETS))
+    q.add_argument("--preset", default="gpt-rope-3m", choices=list(PRESETS))
     q.add_argument("--max-time", default="4m", help="training budget (default: 4m)")
     q.add_argument("--threads", type=int)
     q.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -160,6 +160,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-0.8m": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128),
     # quickstart size: trains to recognisable text in a few minutes on 2 cores.
     "llama-3m": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=192, block_size=256),
+    "gpt-rope-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=6, n_embd=192, block_size=128),
     "gpt-3m": dict(_GPT2, n_layer=6, n_head=6, n_embd=192, block_size=256),
     "llama-10m": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=512),
     "llama-30m": dict(_LLAMA, n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512),

@@ -1,7 +1,7 @@
 """`slm quickstart`: the whole pipeline in one command, ending in a readable report.
 
-prepare Shakespeare (BPE) → train a few-M-parameter Llama-style model for a few minutes → evaluate in-domain and on
-the First Folio (out of domain) → sample → write `report.md` with the loss curve.
+prepare Shakespeare (BPE) → train a few-M-parameter model (GPT-2 blocks with RoPE) for a few minutes → evaluate
+in-domain and on the First Folio (out of domain) → sample → write `report.md` with the loss curve.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def quickstart(
     *,
     corpus: str = "shakespeare",
     tokenizer: str = "bpe:2048",
-    preset: str = "llama-3m",
+    preset: str = "gpt-rope-3m",
     max_time: str | float = "4m",
     threads: int | None = None,
     progress: bool = True,

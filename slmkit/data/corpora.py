@@ -124,7 +124,7 @@ def iter_documents(source: str, split: str | None = None) -> Iterator[Document]:
         elif suffix == ".parquet":
             reader = _read_parquet(path, name)
         else:
-            reader = _read_text(path, name, fallback)
+            reader = _read_text(path, name, fallback, single=source not in BUILTIN_CORPORA and Path(source).is_file())
         for doc in reader:
             if doc.text:
                 found = True
@@ -151,32 +151,37 @@ def _decode(data: bytes, path: Path, offset: int, fallback: str | None) -> str:
         ) from None
 
 
-def _read_text(path: Path, name: str, fallback: str | None) -> Iterator[Document]:
+def _read_text(path: Path, name: str, fallback: str | None, single: bool = False) -> Iterator[Document]:
+    size = path.stat().st_size
+    piece_size = PIECE
+    if single and size <= BIG_FILE:
+        # a lone small file is the whole corpus: cut it into ~20 pieces (of >= 4 KB) so train and val both get text
+        piece_size = max(4096, size // 20)
     with open(path, "rb") as f:
-        if path.stat().st_size <= BIG_FILE:
+        if size <= BIG_FILE and (not single or piece_size >= size):
             data = f.read()
             _check_binary(path, data)
             yield Document(name, _decode(data, path, 0, fallback))
             return
-        for i, (offset, piece) in enumerate(_pieces(f)):
+        for i, (offset, piece) in enumerate(_pieces(f, piece_size)):
             if i == 0:
                 _check_binary(path, piece)
             yield Document(f"{name}#{i}", _decode(piece, path, offset, fallback))
 
 
-def _pieces(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) pieces of at most PIECE bytes, cut after a newline (or, in a huge line, at a char boundary).
+def _pieces(f: BinaryIO, size: int = PIECE) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) pieces of at most `size` bytes, cut after a newline (or, in a huge line, at a char boundary).
 
     Cuts always fall on UTF-8 character boundaries, so each piece decodes on its own and error offsets stay exact.
     """
     buf, offset = b"", 0
-    while chunk := f.read(PIECE):
+    while chunk := f.read(size):
         buf += chunk
-        while len(buf) > PIECE:
-            cut = buf.rfind(b"\n", 0, PIECE) + 1
+        while len(buf) > size:
+            cut = buf.rfind(b"\n", 0, size) + 1
             if cut == 0:  # no newline: back off over UTF-8 continuation bytes (10xxxxxx)
-                cut = PIECE
-                while cut > PIECE - 4 and buf[cut] & 0xC0 == 0x80:
+                cut = size
+                while cut > size - 4 and buf[cut] & 0xC0 == 0x80:
                     cut -= 1
             yield offset, buf[:cut]
             offset, buf = offset + cut, buf[cut:]

@@ -192,3 +192,12 @@ def test_shakespeare_byte_shards_with_folio(tmp_path: Path) -> None:
     assert len(meta["sources"]) == 42 + 35
     folio = load_split(out, "folio")
     assert bytes(folio.tokens[1:40].astype(np.uint8)).decode().startswith("All's Well, that Ends Well")
+
+
+def test_a_single_small_file_still_gets_train_and_val(tmp_path: Path) -> None:
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(2000)]  # ~100 KB
+    (tmp_path / "input.txt").write_text("\n".join(lines) + "\n")
+    out = prepare(str(tmp_path / "input.txt"), "char", tmp_path / "data", progress=False)
+    train, val = load_split(out, "train"), load_split(out, "val")
+    assert train.meta["documents"] >= 15 and val.meta["documents"] >= 1
+    assert train.meta["bytes"] + val.meta["bytes"] == (tmp_path / "input.txt").stat().st_size
