@@ -151,6 +151,8 @@ def train(
     # --- decide everything above the loop -------------------------------------------------------------------------
     resume_from: Path | None = None
     if resume:
+        if model_config is not None:
+            raise SlmError("the architecture of a run cannot change on resume; drop the model config")
         if not (out / "meta.json").exists():
             raise SlmError(f"cannot resume: {out} is not a run directory (no meta.json)")
         run_meta = checkpoint.read_json(out / "meta.json")

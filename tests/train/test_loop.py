@@ -111,12 +111,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
 
     proc = subprocess.Popen(_slm("train", *common, "--out", str(tmp_path / "b")), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "b/checkpoints/step_000040/meta.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "b/checkpoints/step_000040/meta.json").exists():  # kept: keep_checkpoints=5
+            assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
     assert not (tmp_path / "b/checkpoints/step_000080").exists()
     out = subprocess.run(_slm("train", "--resume", str(tmp_path / "b"), "--quiet"), check=True, env=env,
                          capture_output=True, text=True)
@@ -128,3 +131,50 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
     wa = load_file(str(tmp_path / "a/checkpoints/step_000080/model.safetensors"))
     wb = load_file(str(tmp_path / "b/checkpoints/step_000080/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_grad_accum_equals_one_big_batch(tiny_data, tmp_path):
+    """2 micro-batches of 4 draw the same windows as one batch of 8 and average to the same gradient."""
+    a = train(tiny_data, tmp_path / "a", TINY, cfg(max_steps=3, batch_size=8, grad_accum=1), progress=False)
+    b = train(tiny_data, tmp_path / "b", TINY, cfg(max_steps=3, batch_size=4, grad_accum=2), progress=False)
+    assert a.tokens == b.tokens
+    wa = load_file(str(tmp_path / "a/checkpoints/step_000003/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/step_000003/model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_matches_fp32_loss(tiny_data, tmp_path):
+    """bf16 autocast (fp32 master weights) must train to the same loss as fp32 within bf16 noise."""
+    a = train(tiny_data, tmp_path / "a", TINY, cfg(max_steps=40, precision="fp32"), progress=False)
+    b = train(tiny_data, tmp_path / "b", TINY, cfg(max_steps=40, precision="bf16"), progress=False)
+    assert abs(a.val_loss - b.val_loss) < 0.05, (a.val_loss, b.val_loss)
+    meta = json.loads((tmp_path / "b/meta.json").read_text())
+    assert meta["runtime"]["precision"] == "bf16"
+    assert load_file(str(tmp_path / "b/checkpoints/step_000040/model.safetensors"))["tok_emb.weight"].dtype == \
+        torch.float32
+
+
+def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
+    args = ["--data", str(tiny_data), "--max-steps", "100000", "--ckpt-interval", "10", "--threads", "1",
+            "--batch-size", "4", "--quiet", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2",
+            "--set", "block_size=32", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(_slm("train", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not checkpoint.list_checkpoints(tmp_path / "run"):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("interrupted: step "), out
+    step = int(last.split()[2].rstrip(","))
+    assert (tmp_path / f"run/checkpoints/step_{step:06d}/meta.json").exists()
+    assert json.loads((tmp_path / "run/meta.json").read_text())["status"] == "interrupted"
+    resumed = train(None, tmp_path / "run", train_config=cfg(max_steps=step + 5, batch_size=4), resume=True,
+                    progress=False)
+    assert resumed.step == step + 5 and resumed.status == "finished"
