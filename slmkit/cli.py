@@ -121,12 +121,12 @@ def cmd_presets(a: argparse.Namespace) -> None:
     from slmkit.model import GPT
 
     table = Table(title=f"model presets (params at vocab {a.vocab_size:,})")
-    for col in ("preset", "style", "layers", "d", "heads", "kv", "context", "params", "non-emb", "MFLOP/token"):
+    for col in ("preset", "pos/norm/mlp", "layers", "d", "heads", "kv", "context", "params", "non-emb", "MFLOP/token"):
         table.add_column(col, justify="right")
     for name in PRESETS:
         cfg = ModelConfig.preset(name, vocab_size=a.vocab_size)
         m = GPT(cfg)
-        table.add_row(name, "llama" if cfg.pos == "rope" else "gpt-2", str(cfg.n_layer), str(cfg.n_embd),
+        table.add_row(name, f"{cfg.pos}/{cfg.norm}/{cfg.mlp}", str(cfg.n_layer), str(cfg.n_embd),
                       str(cfg.n_head), str(cfg.n_kv_head), str(cfg.block_size), f"{m.num_params() / 1e6:.2f}M",
                       f"{m.num_params(non_embedding=True) / 1e6:.2f}M", f"{m.flops_per_token() / 1e6:.1f}")
     Console().print(table)

@@ -163,7 +163,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-rope-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=6, n_embd=192, block_size=128),
     "gpt-3m": dict(_GPT2, n_layer=6, n_head=6, n_embd=192, block_size=256),
     "llama-10m": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=512),
-    "llama-30m": dict(_LLAMA, n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512),
+    "llama-30m": dict(_LLAMA, n_layer=10, n_head=8, n_kv_head=4, n_embd=512, block_size=512),
 }
 
 

@@ -20,7 +20,7 @@ from slmkit.runtime import resolve_precision
 from slmkit.train import train
 
 PROMPTS = ("ROMEO:", "KING HENRY:\nWhat", "To be, or not to be")
-# Tuned on this 2-core machine (docs/benchmarks.md): a high lr with a short warmup is what a minutes-long run needs.
+# A minutes-long run wants a high lr and a short warmup; preset choice measured in docs/benchmarks.md (quickstart).
 QUICKSTART_TRAIN = dict(lr=3e-3, warmup_steps=30, batch_size=16, eval_interval=100, eval_batches=10,
                         ckpt_interval=200, schedule="cosine", min_lr_ratio=0.05)
 

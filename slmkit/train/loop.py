@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -192,9 +193,9 @@ def train(
         step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time"]
     forward = torch.compile(model) if tc.compile else model
 
+    if resume and run_meta["data_meta"]["tokenizer_sha256"] != train_shard.tokenizer_sha256:
+        raise SlmError(f"{data} was re-prepared with another tokenizer since {out} started; resume needs the original")
     if overwrite and not resume and out.exists():
-        import shutil
-
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     run_meta = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,6 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, *, bytes_per_token: 
 
     matplotlib.use("Agg")  # no display on servers/CI; import here so `import slmkit` stays light
     import matplotlib.pyplot as plt
-
-    from slmkit.fsutil import write_bytes
 
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -31,8 +30,7 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, *, bytes_per_token: 
                                                  lambda b: b * math.log(2) * bytes_per_token))
     sec.set_ylabel("bits per byte")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
-    write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    os.replace(tmp, path)  # atomic: a reader never sees a half-drawn plot
