@@ -3,7 +3,6 @@ and small utilities. Benchmarks print ratios against a peer measured in the same
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -42,10 +41,6 @@ def prepare_tiny_shakespeare_char(root: Path = CACHE) -> Path:
     (src / "train.txt").write_text(text[:cut], encoding="utf-8")
     (src / "val.txt").write_text(text[cut:], encoding="utf-8")
     return prepare(str(src), "char", out, progress=False)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 class HFGPT2(torch.nn.Module):

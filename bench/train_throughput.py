@@ -13,6 +13,7 @@ exact GELU (what slmkit and nanoGPT use), so the ratio that comes from the activ
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import HFGPT2, hf_train_loop, median, prepare_tiny_shakespeare_char
+from bench.common import HFGPT2, hf_train_loop, prepare_tiny_shakespeare_char
 
 NANO = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
 OPT = dict(lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, beta2=0.99)
@@ -68,12 +69,12 @@ def main() -> None:
         runs["hf gelu_new (default)"].append(run_hf(data, args.steps, rep, "gelu_new"))
         runs["hf gelu (exact)"].append(run_hf(data, args.steps, rep, "gelu"))
         print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1][0]:,.0f} tok/s" for k, v in runs.items()), flush=True)
-    ours = median([t for t, _ in runs["slmkit"]])
+    ours = statistics.median([t for t, _ in runs["slmkit"]])
     print(f"\n{args.steps} steps x batch {BATCH} x context 64, 2 threads, fp32, {args.repeats} repeats (medians)")
     print(f"{'trainer':24s} {'tokens/s':>10s} {'val loss':>9s} {'slmkit ratio':>13s}")
     for name, results in runs.items():
-        tps = median([t for t, _ in results])
-        val = median([v for _, v in results])
+        tps = statistics.median([t for t, _ in results])
+        val = statistics.median([v for _, v in results])
         print(f"{name:24s} {tps:10,.0f} {val:9.4f} {ours / tps:12.2f}x")
 
 

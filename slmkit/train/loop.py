@@ -172,6 +172,8 @@ def train(
         raise SlmError("give a budget: --max-steps N and/or --max-time 5m")
     data = Path(data)
     train_shard, val_shard = load_split(data, "train"), load_split(data, "val")
+    if resume and run_meta["data_meta"]["tokenizer_sha256"] != train_shard.tokenizer_sha256:
+        raise SlmError(f"{data} was re-prepared with another tokenizer since {out} started; resume needs the original")
     tokenizer = load_tokenizer(data)
     model_config = (model_config or ModelConfig()).replace(vocab_size=tokenizer.vocab_size)
     tc = train_config
@@ -193,8 +195,6 @@ def train(
         step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time"]
     forward = torch.compile(model) if tc.compile else model
 
-    if resume and run_meta["data_meta"]["tokenizer_sha256"] != train_shard.tokenizer_sha256:
-        raise SlmError(f"{data} was re-prepared with another tokenizer since {out} started; resume needs the original")
     if overwrite and not resume and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
