@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from slmkit import checkpoint
 from slmkit.config import ModelConfig
 from slmkit.infer.engine import SamplingParams, generate
 from slmkit.model import GPT
+from slmkit.model.ngram import NgramLM, is_ngram_run
 from slmkit.runtime import set_threads
 from slmkit.tokenizer import Tokenizer
 
@@ -25,13 +27,19 @@ from slmkit.tokenizer import Tokenizer
 class LLM:
     """A model with its tokenizer, ready to generate text."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, meta: dict[str, Any] | None = None, path: Path | None = None):
-        self.model, self.tokenizer, self.meta, self.path = model.eval(), tokenizer, meta or {}, path
+    def __init__(self, model: GPT | NgramLM, tokenizer: Tokenizer, meta: dict[str, Any] | None = None,
+                 path: Path | None = None):
+        model = model if isinstance(model, NgramLM) else model.eval()
+        self.model, self.tokenizer, self.meta, self.path = model, tokenizer, meta or {}, path
 
     @classmethod
     def load(cls, path: str | Path, *, threads: int | None = None) -> LLM:
         """Load a checkpoint directory or a run directory (its latest checkpoint)."""
         set_threads(threads)
+        if is_ngram_run(path):  # an n-gram baseline run (slm train --preset ngram-5): no torch weights
+            path = Path(path)
+            return cls(NgramLM.load(path), Tokenizer.load(path / "tokenizer.json"),
+                       checkpoint.read_json(path / "meta.json"), path)
         ckpt = checkpoint.load(path)
         return cls(ckpt.model, ckpt.tokenizer, ckpt.meta, ckpt.path)
 
@@ -50,21 +58,33 @@ class LLM:
         repetition_penalty: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        chat: bool = False,
     ) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece as it is generated.
 
-        Generation ends at `max_new_tokens`, at the tokenizer's EOS/BOS (a BOS marks the start of a new document), or
-        just before the first occurrence of any `stop` string (which is not yielded).
+        Generation ends at `max_new_tokens`, at the tokenizer's EOS/end-of-turn tokens (and, for slmkit's own
+        tokenizers, at a BOS, which marks the start of a new document), or
+        just before the first occurrence of any `stop` string (which is not yielded). `chat=True` sends `prompt` as a
+        user message through the tokenizer's chat template (models imported with one) and yields the reply.
         """
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         tok = self.tokenizer
-        ids = [tok.bos_id, *tok.encode(prompt)]
+        if chat:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = tok.encode(text, bos=tok.add_bos, specials=True)
+        else:
+            ids = tok.encode(prompt, bos=tok.add_bos) or [tok.bos_id]  # at least one token to condition on
         # bytes → text incrementally, so a multi-byte character split across tokens is never printed half-way
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         hold = max((len(s) for s in stop), default=1) - 1  # text that might still become a stop string
         text, emitted = "", 0
-        for nxt in generate(self.model, ids, params, stop_ids=(tok.eos_id, tok.bos_id)):
-            if nxt in (tok.eos_id, tok.bos_id, tok.pad_id):
+        # stop ids: EOS and end-of-turn tokens; for slmkit's own tokenizers also BOS, which starts a new document
+        if isinstance(self.model, NgramLM):
+            tokens = self.model.generate(ids, **dataclasses.asdict(params), stop_ids=tuple(tok.stop_ids))
+        else:
+            tokens = generate(self.model, ids, params, stop_ids=tuple(tok.stop_ids))
+        for nxt in tokens:
+            if nxt in tok.stop_ids or nxt == tok.pad_id:
                 break
             text += utf8.decode(tok.token_bytes(nxt))
             cut = min((i for s in stop if (i := text.find(s, max(0, emitted - len(s)))) >= 0), default=-1)

@@ -20,6 +20,9 @@ examples:
   slm train --data runs/data/shk --preset llama-3m --max-time 5m --out runs/shk-small
   slm generate runs/shk-small --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-p 0.9
   slm train --resume runs/shk-small                # continue exactly where it stopped
+  slm import gguf SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2   # a pretrained model, as a native checkpoint
+  slm generate runs/smollm2 --chat --prompt "What is the capital of France?" --temperature 0
+  slm eval runs/smollm2 --lm shakespeare:val --task mmlu --limit 20   # bpb + MMLU → runs/smollm2/eval.json
 """
 
 
@@ -72,7 +75,31 @@ def _configs(a: argparse.Namespace) -> tuple[Any, Any]:
     return model, train
 
 
+# n-gram baselines are counted, not trained: `--preset ngram-5`, or `--preset ngram --set order=N --set discount=0.75`
+NGRAM_PRESETS = {"ngram": 5, "ngram-3": 3, "ngram-5": 5, "ngram-7": 7}
+
+
+def _train_ngram(a: argparse.Namespace) -> None:
+    from slmkit.checkpoint import read_json
+    from slmkit.config import coerce_overrides
+    from slmkit.model.ngram import NgramConfig, train_ngram
+
+    if a.resume or not a.data or not a.out:
+        raise SlmError("an n-gram preset needs --data DIR and --out DIR (n-gram runs cannot --resume)")
+    opts = {"order": NGRAM_PRESETS[a.preset], "discount": "modified",
+            **coerce_overrides(NgramConfig, [s for s in a.set or [] if s.partition("=")[0] in ("order", "discount")])}
+    other = [s for s in a.set or [] if s.partition("=")[0] not in ("order", "discount")]
+    if other:
+        raise SlmError(f"n-gram presets take only --set order=N and --set discount=modified|0.75, not {other[0]!r}")
+    out = train_ngram(a.data, a.out, opts["order"], opts["discount"], overwrite=a.overwrite, progress=not a.quiet)
+    r = read_json(out / "meta.json")["result"]
+    print(f"finished: {opts['order']}-gram counted from {r['tokens']:,} tokens in {r['train_time']:.1f}s; "
+          f"val loss {r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bpb → {out}")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
+    if a.preset in NGRAM_PRESETS:
+        return _train_ngram(a)
     from slmkit.config import TrainConfig
     from slmkit.train import train
 
@@ -101,9 +128,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     llm = LLM.load(a.run, threads=a.threads)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  repetition_penalty=a.repetition_penalty, stop=a.stop or (), seed=a.seed)
+                  repetition_penalty=a.repetition_penalty, stop=a.stop or (), seed=a.seed, chat=a.chat)
     for _ in range(a.num_samples):
-        sys.stdout.write(a.prompt)
+        sys.stdout.write(a.prompt + ("\n" if a.chat else ""))
         for piece in llm.stream(a.prompt, **kwargs):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -113,6 +140,47 @@ def cmd_generate(a: argparse.Namespace) -> None:
             kwargs["seed"] = None if a.seed is None else kwargs["seed"] + 1
 
 
+def cmd_import(a: argparse.Namespace) -> None:
+    from slmkit.checkpoint import load
+    from slmkit.export import import_gguf, import_hf
+
+    out = (import_gguf if a.import_cmd == "gguf" else import_hf)(a.source, a.out, overwrite=a.overwrite)
+    ck = load(out)
+    c = ck.model.config
+    print(f"imported {ck.meta['imported'].get('name') or a.source}: {ck.model.num_params():,} params, "
+          f"{c.n_layer} layers, d={c.n_embd}, {c.n_head}/{c.n_kv_head} heads, context {c.block_size}, "
+          f"vocab {c.vocab_size:,} → {out}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from slmkit.eval import evaluate, metrics_table
+    from slmkit.fsutil import write_json
+
+    lm = a.lm if a.lm is not None else ([] if a.task else ["shakespeare:val"])
+    metrics = evaluate(a.run, lm=lm, tasks=a.task or [], shots=a.shots, limit=a.limit, efficiency=a.efficiency,
+                       threads=a.threads, progress=not a.quiet, stride=a.stride, context=a.context)
+    out = Path(a.out) if a.out else Path(a.run) / "eval.json"
+    write_json(out, metrics)
+    Console().print(metrics_table(metrics))
+    print(f"wrote {out}")
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from slmkit.eval.compare import DEFAULT_SETS, compare, print_table, run_recipe
+
+    common = dict(tasks=a.task or (), limit=a.limit, efficiency=not a.no_efficiency, threads=a.threads,
+                  progress=not a.quiet)
+    if a.recipe:
+        result = run_recipe(a.out, recipe=a.recipe, budget=a.budget, corpus=a.corpus, lm_sets=a.lm,
+                            extra_runs=a.runs, **common)
+    else:
+        result = compare(a.runs, a.out, lm_sets=a.lm or DEFAULT_SETS, **common)
+    print_table(result)
+    print(f"wrote {Path(a.out) / 'report.md'}, report.html, compare.json")
+
+
 def cmd_presets(a: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -120,15 +188,19 @@ def cmd_presets(a: argparse.Namespace) -> None:
     from slmkit.config import PRESETS, ModelConfig
     from slmkit.model import GPT
 
-    table = Table(title=f"model presets (params at vocab {a.vocab_size:,})")
-    for col in ("preset", "pos/norm/mlp", "layers", "d", "heads", "kv", "context", "params", "non-emb", "MFLOP/token"):
+    table = Table(title=f"model presets (params at vocab {a.vocab_size:,}; byte-* presets at their 259)")
+    for col in ("preset", "pos/norm/mlp", "variant", "L", "d", "h/kv", "ctx", "params", "active", "non-emb",
+                "MFLOP/tok"):
         table.add_column(col, justify="right")
     for name in PRESETS:
-        cfg = ModelConfig.preset(name, vocab_size=a.vocab_size)
+        # a preset that fixes its vocabulary (byte-level) is shown at that vocabulary
+        cfg = ModelConfig.preset(name, **({} if "vocab_size" in PRESETS[name] else {"vocab_size": a.vocab_size}))
         m = GPT(cfg)
-        table.add_row(name, f"{cfg.pos}/{cfg.norm}/{cfg.mlp}", str(cfg.n_layer), str(cfg.n_embd),
-                      str(cfg.n_head), str(cfg.n_kv_head), str(cfg.block_size), f"{m.num_params() / 1e6:.2f}M",
-                      f"{m.num_params(non_embedding=True) / 1e6:.2f}M", f"{m.flops_per_token() / 1e6:.1f}")
+        norm = {"layernorm": "ln", "rmsnorm": "rms"}[cfg.norm]
+        table.add_row(name, f"{cfg.pos}/{norm}/{cfg.mlp}", cfg.variant(), str(cfg.n_layer), str(cfg.n_embd),
+                      f"{cfg.n_head}/{cfg.n_kv_head}", str(cfg.block_size), f"{m.num_params() / 1e6:.2f}M",
+                      f"{m.num_params(active=True) / 1e6:.2f}M", f"{m.num_params(non_embedding=True) / 1e6:.2f}M",
+                      f"{m.flops_per_token() / 1e6:.1f}")
     Console().print(table)
 
 
@@ -197,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="prepared data directory (slm data prepare)")
     t.add_argument("--out", help="run directory to create")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    t.add_argument("--preset", default="llama-3m", choices=list(PRESETS), help="model preset (default llama-3m)")
+    t.add_argument("--preset", default="llama-3m", choices=[*PRESETS, *NGRAM_PRESETS],
+                   help="model preset (default llama-3m); ngram-3/5/7 count a Kneser-Ney baseline instead")
     t.add_argument("--model-config", help="ModelConfig YAML/JSON file (instead of --preset)")
     t.add_argument("--train-config", help="TrainConfig YAML/JSON file; flags below override it")
     for name, kw in TRAIN_FLAGS.items():
@@ -218,7 +291,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop before this string (repeatable)")
     g.add_argument("--seed", type=int)
     g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message in the model's chat template (imported chat models)")
     g.add_argument("--threads", type=int)
+
+    imp_parser = sub.add_parser("import", help="turn a GGUF file or transformers checkpoint into an slmkit checkpoint")
+    imp = imp_parser.add_subparsers(dest="import_cmd", required=True, metavar="FORMAT")
+    for fmt, what, src_help in (
+        ("gguf", "a llama.cpp GGUF file (Llama architecture; F32/F16/BF16/Q4_0/Q4_1/Q5_x/Q8_0/K-quants)",
+         "the .gguf file"),
+        ("hf", "a local transformers Llama checkpoint (config.json + safetensors + tokenizer.json)",
+         "the checkpoint directory"),
+    ):
+        ip = add(fmt, cmd_import, f"import {what}", imp)
+        ip.add_argument("source", help=src_help)
+        ip.add_argument("--out", required=True, help="checkpoint directory to create")
+        ip.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    ev = add("eval", cmd_eval, "measure a run: bits per byte on held-out text, multiple-choice tasks, efficiency")
+    ev.add_argument("run", help="run directory (latest checkpoint), checkpoint directory or n-gram run")
+    ev.add_argument("--lm", action="append", metavar="SET",
+                    help="held-out text: shakespeare:val, shakespeare:folio, bbc-news:val, PATH or PATH:val "
+                         "(repeatable; default shakespeare:val unless --task is given)")
+    ev.add_argument("--task", action="append", metavar="TASK", help="multiple-choice task: mmlu or a task YAML file")
+    ev.add_argument("--shots", type=int, default=0, help="few-shot examples per question (default 0)")
+    ev.add_argument("--limit", type=int, help="at most N questions per subject (quick runs)")
+    ev.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half the context)")
+    ev.add_argument("--context", type=int, help="longest context in tokens (default: the model's block size)")
+    ev.add_argument("--efficiency", action="store_true", help="also measure speed, memory and size")
+    ev.add_argument("--threads", type=int)
+    ev.add_argument("--out", help="metrics JSON to write (default: RUN/eval.json)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cp = add("compare", cmd_compare, "compare runs: bpb in- and out-of-domain, size, speed, Pareto plots → report")
+    cp.add_argument("runs", nargs="*", metavar="RUN", help="run, checkpoint or n-gram run directories")
+    cp.add_argument("--out", required=True, help="report directory (report.md, report.html, compare.json, *.png)")
+    cp.add_argument("--lm", action="append", metavar="SET",
+                    help="held-out text sets, first = in-domain (default: shakespeare:val, shakespeare:folio)")
+    cp.add_argument("--task", action="append", metavar="TASK", help="also run a multiple-choice task (e.g. mmlu)")
+    cp.add_argument("--limit", type=int, help="at most N questions per task subject")
+    cp.add_argument("--no-efficiency", action="store_true", help="skip decode speed / memory measurements")
+    cp.add_argument("--recipe", choices=["spectrum"], help="first train a standard set of models into --out")
+    cp.add_argument("--budget", default="3m", help="recipe: training time per neural model (default 3m)")
+    cp.add_argument("--corpus", default="shakespeare", help="recipe: corpus to train and evaluate on")
+    cp.add_argument("--threads", type=int)
+    cp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pr = add("presets", cmd_presets, "list model presets with parameter counts and FLOPs per token")
     pr.add_argument("--vocab-size", type=int, default=4096)

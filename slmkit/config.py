@@ -28,6 +28,7 @@ Pos = Literal["learned", "sinusoidal", "rope", "none"]
 Optimizer = Literal["adamw", "sgd"]
 Schedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
+AttentionKind = Literal["full", "local", "blocksparse", "linear", "lsh"]
 
 
 def _check_choice(obj: Any, name: str, kind: Any) -> None:
@@ -106,9 +107,28 @@ class ModelConfig(_Serializable):
     bias: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
+    # attention kind (slmkit/model/attention.py); each kind reads only its own parameters below
+    attention: AttentionKind = "full"
+    attn_window: int = 64  # local: keys per query (t-w+1..t); lsh: most recent same-bucket keys per query
+    attn_block: int = 32  # blocksparse: block size b (a query sees its own and the previous block)
+    attn_global: int = 1  # blocksparse: the first g positions are visible to every later query
+    attn_summary: int = 1  # blocksparse: the last c positions of each block are visible to every later block
+    linear_features: int = 64  # linear (Performer FAVOR+): random features m
+    linear_redraw: int = 0  # linear: redraw the features every n training forward passes (0 = never)
+    lsh_buckets: int = 8  # lsh: buckets per hash round (even)
+    lsh_hashes: int = 2  # lsh: hash rounds
+    # feed-forward: Mixture-of-Experts when moe_experts > 0 (then mlp_hidden is the width of one expert)
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss per MoE layer (trained on, never reported)
+    moe_capacity_factor: float | None = None  # None = no token dropping
+    # parameter sharing and factorisation
+    share_mlp: bool = False  # one FFN module used by every block (MobiLlama)
+    share_blocks: int = 0  # >0: this many unique blocks, cycled over the n_layer layers (layer i uses block i % n)
+    lowrank: int = 0  # >0: attention and MLP projections factorised as rank-r products (W ≈ B·A)
 
     def __post_init__(self) -> None:
-        for name, kind in (("mlp", Mlp), ("norm", Norm), ("pos", Pos)):
+        for name, kind in (("mlp", Mlp), ("norm", Norm), ("pos", Pos), ("attention", AttentionKind)):
             _check_choice(self, name, kind)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             v = getattr(self, name)
@@ -131,10 +151,66 @@ class ModelConfig(_Serializable):
         _check(self.mlp_hidden > 0, f"ModelConfig.mlp_hidden={self.mlp_hidden} must be positive")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout={self.dropout} must be in [0, 1)")
         _check(self.norm_eps > 0 and self.init_std > 0, "ModelConfig.norm_eps and init_std must be positive")
+        self._check_spectrum()
+
+    def _check_spectrum(self) -> None:
+        """Attention-kind, MoE, sharing and low-rank fields: each checked only when its feature is on."""
+        for name in ("attn_window", "attn_block", "linear_features", "lsh_buckets", "lsh_hashes"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, f"ModelConfig.{name}={v!r} must be a positive integer")
+        for name in ("attn_global", "attn_summary", "linear_redraw", "moe_experts", "share_blocks", "lowrank"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, f"ModelConfig.{name}={v!r} must be an integer >= 0")
+        T = self.block_size
+        if self.attention in ("local", "lsh"):
+            _check(self.attn_window <= T, f"ModelConfig.attn_window={self.attn_window} must be <= block_size={T} "
+                                          f"(a window as long as the context is just attention='full')")
+        if self.attention == "blocksparse":
+            _check(self.attn_block <= T, f"ModelConfig.attn_block={self.attn_block} must be <= block_size={T}")
+            _check(self.attn_global < T, f"ModelConfig.attn_global={self.attn_global} must be < block_size={T}")
+            _check(self.attn_summary <= self.attn_block,
+                   f"ModelConfig.attn_summary={self.attn_summary} must be <= attn_block={self.attn_block}")
+        if self.attention == "lsh":
+            _check(self.lsh_buckets >= 2 and self.lsh_buckets % 2 == 0,
+                   f"ModelConfig.lsh_buckets={self.lsh_buckets} must be an even number >= 2")
+            _check(self.n_kv_head == self.n_head, f"ModelConfig: attention='lsh' shares queries and keys, so "
+                                                  f"n_kv_head={self.n_kv_head} must equal n_head={self.n_head}")
+        if self.moe_experts:
+            _check(self.moe_experts >= 2, f"ModelConfig.moe_experts={self.moe_experts} must be 0 (dense) or >= 2")
+            _check(isinstance(self.moe_top_k, int) and 1 <= self.moe_top_k <= self.moe_experts,
+                   f"ModelConfig.moe_top_k={self.moe_top_k} must be in [1, moe_experts={self.moe_experts}]")
+            _check(self.moe_aux_loss_coef >= 0, f"ModelConfig.moe_aux_loss_coef={self.moe_aux_loss_coef} must be >= 0")
+            _check(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+                   f"ModelConfig.moe_capacity_factor={self.moe_capacity_factor} must be > 0 or None (no dropping)")
+            _check(not self.lowrank, "ModelConfig: lowrank applies to dense projections; use moe_experts=0 or "
+                                     "lowrank=0")
+        if self.share_blocks:
+            _check(self.share_blocks <= self.n_layer,
+                   f"ModelConfig.share_blocks={self.share_blocks} must be <= n_layer={self.n_layer} (0 = no sharing)")
+        if self.lowrank:
+            lo = min(self.n_embd, self.mlp_hidden)
+            _check(self.lowrank < lo, f"ModelConfig.lowrank={self.lowrank} must be < min(n_embd, mlp_hidden)={lo}: "
+                                      f"a factorisation that is not smaller than the layer saves nothing")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def variant(self) -> str:
+        """Short label of the spectrum features in use, e.g. 'local w64', 'moe 8/top2', 'shared ffn' (else 'dense')."""
+        parts = {
+            "full": [], "local": [f"local w{self.attn_window}"], "linear": [f"linear m{self.linear_features}"],
+            "blocksparse": [f"sparse b{self.attn_block}"], "lsh": [f"lsh {self.lsh_buckets}x{self.lsh_hashes}"],
+        }[self.attention]
+        if self.moe_experts:
+            parts.append(f"moe {self.moe_experts}/top{self.moe_top_k}")
+        if self.share_mlp:
+            parts.append("shared ffn")
+        if self.share_blocks:
+            parts.append(f"{self.share_blocks} blocks")
+        if self.lowrank:
+            parts.append(f"rank {self.lowrank}")
+        return ", ".join(parts) or "dense"
 
     @staticmethod
     def presets() -> dict[str, dict[str, Any]]:
@@ -164,6 +240,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-3m": dict(_GPT2, n_layer=6, n_head=6, n_embd=192, block_size=256),
     "llama-10m": dict(_LLAMA, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, block_size=512),
     "llama-30m": dict(_LLAMA, n_layer=10, n_head=8, n_kv_head=4, n_embd=512, block_size=512),
+    # --- the model spectrum. Byte-level super-tiny models: vocab = 256 bytes + 3 specials (the byte tokenizer).
+    "byte-0.8m": dict(_GPT2, pos="rope", bias=False, vocab_size=259, n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "byte-3m": dict(_GPT2, pos="rope", bias=False, vocab_size=259, n_layer=8, n_head=4, n_embd=176, block_size=256),
+    # MoE with gpt-rope-3m's active parameters: 8 experts of half the dense width, top-2 (fine-grained experts, as
+    # DeepSeekMoE), so a token passes through 2·384 = 768 hidden units per layer like the dense 4·192 MLP.
+    "moe-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=6, n_embd=192, block_size=128,
+                   mlp_hidden=384, moe_experts=8, moe_top_k=2),
+    # gpt-rope-3m's shape at a 256-token context with sub-quadratic attention
+    "local-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=6, n_embd=192, block_size=256,
+                     attention="local", attn_window=64),
+    "blocksparse-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=6, n_embd=192, block_size=256,
+                           attention="blocksparse", attn_block=32, attn_global=4, attn_summary=2),
+    "linear-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=6, n_embd=192, block_size=256,
+                      attention="linear", linear_features=64),
+    "lsh-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=6, n_embd=192, block_size=256,
+                   attention="lsh", attn_window=32, lsh_buckets=8, lsh_hashes=2),
+    # ~3M parameters spent differently: one FFN shared by all layers (MobiLlama) buys a wider model ...
+    "shared-3m": dict(_GPT2, pos="rope", bias=False, n_layer=6, n_head=8, n_embd=256, block_size=128,
+                      share_mlp=True),
+    # ... or rank-64 factorised projections buy a wider and deeper one
+    "lowrank-3m": dict(_GPT2, pos="rope", bias=False, n_layer=8, n_head=8, n_embd=256, block_size=128, lowrank=64),
 }
 
 

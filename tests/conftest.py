@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,34 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     corpus = make_corpus(root / "corpus")
     return prepare(str(corpus), "char", root / "data", val_fraction=0.2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def short_training(tiny_data: Path) -> Callable[..., tuple[float, float]]:
+    """train(**config fields) → (first loss, mean of the last 5 losses) after 30 AdamW steps (aux loss included)."""
+    from slmkit.config import ModelConfig
+    from slmkit.data import load_split, load_tokenizer
+    from slmkit.model import GPT
+    from slmkit.train.loop import Batcher
+
+    tokens = load_split(tiny_data, "train").tokens
+    vocab = load_tokenizer(tiny_data).vocab_size
+
+    def run(steps: int = 30, **fields) -> tuple[float, float]:
+        torch.manual_seed(0)
+        cfg = ModelConfig(**{"vocab_size": vocab, "block_size": 32, "n_layer": 2, "n_head": 4, "n_embd": 32,
+                             "pos": "rope", **fields})
+        model = GPT(cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        batcher = Batcher(tokens, 8, cfg.block_size, seed=0)
+        losses = []
+        for _ in range(steps):
+            x, y = batcher.next()
+            _, loss = model(x, y)
+            (loss if model.aux_loss is None else loss + model.aux_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses[0], sum(losses[-5:]) / 5
+
+    return run

@@ -84,12 +84,13 @@ def generate(
     block = model.config.block_size
     ids = torch.tensor(list(prompt), dtype=torch.long)
     model.eval()
-    cache = model.new_cache(1) if use_cache else None
+    # the cache holds only what this call can need: a full-context cache of an 8k-context model is ~0.4 GB
+    cache = model.new_cache(1, min(block, len(ids) + p.max_new_tokens)) if use_cache else None
     pending = ids[-block:]  # tokens not yet in the cache
     stops = set(stop_ids)
     for _ in range(p.max_new_tokens):
         if cache is not None:
-            if cache.pos + len(pending) > block:
+            if cache.pos + len(pending) > cache.max_len:
                 cache.reset()
                 pending = ids[-(3 * block // 4) :]
             logits, _ = model(pending[None], cache=cache, last_only=True)

@@ -1,7 +1,9 @@
 """The transformer: one file, read top to bottom.
 
 GPT-2 style (learned positions, LayerNorm, GELU, tied head) and Llama style (RoPE, RMSNorm, SwiGLU, GQA) are settings
-of one `ModelConfig`; each swappable part is a small class chosen once in the constructor.
+of one `ModelConfig`; each swappable part is a small class chosen once in the constructor. Full attention lives here;
+the other attention kinds (local, block-sparse, linear, LSH) are in attention.py, the FFN kinds (dense MLP, MoE) and
+low-rank linears in ffn.py. FFN sharing and block sharing keep one module per shared part.
 
 Shapes: B = batch, T = tokens in this call, S = tokens attended to (cache + T), C = n_embd, nh/nkv = query/key heads,
 hd = head_dim, V = vocab_size.
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmkit.config import ModelConfig
+from slmkit.model.attention import ATTENTION_KINDS, project_qkv
+from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
 
 # ---------------------------------------------------------------------------------------------------------------------
 # positions
@@ -61,6 +65,7 @@ class KVCache:
         shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.state: list = [None] * cfg.n_layer  # recurrent per-layer state of linear attention (unused otherwise)
         self.pos = 0  # tokens already stored
         self.max_len = max_len
 
@@ -83,20 +88,15 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # q, k and v in one matmul: one large GEMM beats three small ones on CPU
-        self.qkv = nn.Linear(cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = make_linear(cfg, cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd)
+        self.proj = make_linear(cfg, cfg.n_embd, cfg.n_embd)
         self.rotary = rotary
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         pos = cache.pos if cache is not None else 0
-        if self.rotary is not None:
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        q, k, v = project_qkv(self, x, pos)
         mask, causal = None, True
         if cache is not None:
             cache.k[layer][:B, :, pos : pos + T] = k
@@ -114,34 +114,22 @@ class Attention(nn.Module):
         return self.proj(y)
 
 
-class MLP(nn.Module):
-    """GELU (GPT-2) or SwiGLU (Llama). SwiGLU's gate and up projections share one matmul."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        hidden = cfg.mlp_hidden
-        self.fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.fc(x)  # (B, T, hidden or 2*hidden)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            # exact (erf) GELU, not GPT-2's tanh approximation: torch's CPU tanh-GELU kernel measured 5x slower here
-            h = F.gelu(h)
-        return self.proj(h)
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary | None):
+    """Pre-norm block. The attention kind (full here; local/blocksparse/linear/lsh in attention.py) and the FFN kind
+    (dense MLP or MoE, ffn.py) are chosen once, from the config."""
+
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None, layer: int = 0, shared_mlp: nn.Module | None = None):
         super().__init__()
         self.norm1 = make_norm(cfg)
-        self.attn = Attention(cfg, rotary)
+        if cfg.attention == "full":
+            self.attn = Attention(cfg, rotary)
+        else:
+            self.attn = ATTENTION_KINDS[cfg.attention](cfg, rotary, layer)
         self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        if shared_mlp is None:
+            self.mlp = make_ffn(cfg)
+        else:  # not a submodule of the block: GPT.shared_mlp owns it, so it is stored, counted and decayed once
+            object.__setattr__(self, "mlp", shared_mlp)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
@@ -169,7 +157,11 @@ class GPT(nn.Module):
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg, rotary) for _ in range(cfg.n_layer)])
+        # sharing (MobiLlama's one FFN for all layers; share_blocks unique blocks cycled over the layers) keeps one
+        # module per shared part, so parameters(), state_dict() and checkpoints hold each weight once
+        self.shared_mlp = make_ffn(cfg) if cfg.share_mlp else None
+        n_unique = cfg.share_blocks or cfg.n_layer
+        self.blocks = nn.ModuleList([Block(cfg, rotary, i, self.shared_mlp) for i in range(n_unique)])
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -179,6 +171,20 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, m in self.named_modules():
+            if isinstance(m, LowRankLinear):
+                m.init_factors(resid_std if name.endswith("proj") else cfg.init_std)
+            elif isinstance(m, MoE):
+                m.init_experts(cfg.init_std, resid_std)
+        # MoE layers report each application (aux loss, expert counts) into one list the model reads after forward
+        self.aux_loss: Tensor | None = None  # MoE load-balancing term of the last forward (the trainer adds it)
+        self._moe_calls: list | None = None
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        if moes:
+            self._moe_calls = []
+            for m in moes:
+                m.calls = self._moe_calls
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -202,8 +208,14 @@ class GPT(nn.Module):
         elif self.config.pos == "sinusoidal":
             x = x + self.pos_table[pos : pos + T]
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+        if self._moe_calls is not None:
+            self._moe_calls.clear()
+        n_unique = len(self.blocks)
+        for i in range(self.config.n_layer):
+            x = self.blocks[i % n_unique](x, cache, i)
+        if self._moe_calls is not None:
+            # kept out of the returned loss so evaluation reports the LM cross-entropy only
+            self.aux_loss = self.config.moe_aux_loss_coef * sum(c.aux for c in self._moe_calls)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
@@ -215,19 +227,46 @@ class GPT(nn.Module):
 
     # --- accounting ---------------------------------------------------------------------------------------------------
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Unique parameters (a tied head counts once). non_embedding drops token/position embedding tables."""
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Unique parameters (a tied head and shared modules count once). non_embedding drops token/position
+        embedding tables. active counts what one token uses in each MoE layer: k of its E experts (plus the router)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        if active:
+            n -= sum((m.E - m.k) * m.expert_params() for m in self.modules() if isinstance(m, MoE))
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6 × matmul weights + 12·L·C·T for attention (PaLM App. B)."""
+        """Training FLOPs per token (forward + backward), PaLM App. B: 6 × the matmul weights a token passes through
+        (each layer's use of a shared module counts; an MoE layer counts its router and k experts) + 12·L·C·S for
+        attention scores, S = keys per query: T for full attention, the kind's own (approximate) figure otherwise."""
         cfg = self.config
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         T = seq_len or cfg.block_size
-        return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * T
+
+        def linear_weights(m: nn.Module) -> int:
+            n = sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear))  # includes MoE routers
+            n += sum(x.k * (x.fc[0].numel() + x.proj[0].numel()) for x in m.modules() if isinstance(x, MoE))
+            return n
+
+        matmul, span = self.lm_head.weight.numel(), 0.0
+        for i in range(cfg.n_layer):
+            block = self.blocks[i % len(self.blocks)]
+            matmul += linear_weights(block.attn) + linear_weights(block.mlp)
+            span += block.attn.keys_per_query(T) if hasattr(block.attn, "keys_per_query") else T
+        return int(6 * matmul + 12 * cfg.n_embd * span)
+
+    def moe_stats(self) -> dict | None:
+        """Routing of the last forward pass, per MoE layer application (None for dense models): `expert_util` = the
+        fraction of token→expert assignments each expert received, `dropped` = fraction dropped by the capacity limit,
+        `aux` = the unweighted load-balancing term (1.0 = perfectly balanced)."""
+        if not self._moe_calls:
+            return None
+        util = [(c.counts.float() / c.counts.sum()).tolist() for c in self._moe_calls]
+        total = sum(int(c.counts.sum()) for c in self._moe_calls)
+        return {"expert_util": [[round(u, 4) for u in layer] for layer in util],
+                "dropped": sum(c.dropped for c in self._moe_calls) / total,
+                "aux": float(sum(c.aux.detach() for c in self._moe_calls)) / len(self._moe_calls)}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices; never decay norms, biases or (tied) embeddings' duplicates."""

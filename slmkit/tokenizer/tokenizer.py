@@ -8,10 +8,15 @@
 - char: WordLevel model over single characters (ids in sorted character order), Split-per-character pre-tokenizer.
 - bpe: byte-level BPE with merges; its spec is `bpe:<vocab_size>` (a small corpus can stop short of the N asked for).
 
-The specials `<|bos|>`, `<|eos|>`, `<|pad|>` always take the last three ids. They are produced only by id
-(`encode(..., bos=True)`): a literal "<|bos|>" inside text is encoded as ordinary text, so documents cannot forge a
-document boundary and `decode(encode(s)) == s` holds for every string. (transformers, loading the same file, does
-match literal special strings in text — that setting, `encode_special_tokens`, is not stored in tokenizer.json.)
+Pretrained tokenizers (imported from GGUF or a transformers checkpoint) keep their own specials; their roles (bos, eos,
+pad), whether a BOS is prepended, and the chat template live beside tokenizer.json in `tokenizer_config.json`, under
+the key names transformers uses, so an exported directory needs no conversion.
+
+The specials `<|bos|>`, `<|eos|>`, `<|pad|>` of slmkit's own tokenizers always take the last three ids. They are
+produced only by id (`encode(..., bos=True)`): a literal "<|bos|>" inside text is encoded as ordinary text, so
+documents cannot forge a document boundary and `decode(encode(s)) == s` holds for every string. (transformers, loading
+the same file, does match literal special strings in text — that setting, `encode_special_tokens`, is not stored in
+tokenizer.json.)
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -29,6 +35,9 @@ from slmkit.fsutil import write_bytes
 
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 MAX_VOCAB = 1_000_000
+CONFIG_FILE = "tokenizer_config.json"
+# End-of-turn / end-of-text specials of common pretrained vocabularies: generation stops at any of them.
+_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -80,28 +89,67 @@ class Tokenizer:
     pad_id: int
     sha256: str
 
-    def __init__(self, tk: tokenizers.Tokenizer, origin: str = "tokenizer") -> None:
+    def __init__(
+        self, tk: tokenizers.Tokenizer, origin: str = "tokenizer", config: dict[str, Any] | None = None
+    ) -> None:
+        """Wrap a `tokenizers.Tokenizer`. `config` (a pretrained tokenizer's tokenizer_config.json) names its specials;
+        without it the tokenizer must be one of slmkit's own (byte / char / bpe with the <|bos|> specials)."""
         # Runtime-only switch (not saved): literal special strings in text are plain text, never control tokens.
         tk.encode_special_tokens = True
         self._tk = tk
+        self._tk_specials: tokenizers.Tokenizer | None = None
         self._json = tk.to_str(pretty=True)
         self.sha256 = hashlib.sha256(self._json.encode()).hexdigest()
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
-        ids = [tk.token_to_id(s) for s in SPECIALS]
-        for s, i in zip(SPECIALS, ids, strict=True):
-            if i is None:
-                raise SlmError(f"{origin} is not an slmkit tokenizer: it has no {s} token")
-        self.bos_id, self.eos_id, self.pad_id = ids
-        model = json.loads(self._json)["model"]
-        if model["type"] == "WordLevel":
+        self.config = dict(config) if config is not None else None
+        parsed = json.loads(self._json)
+        model = parsed["model"]
+        self._special_ids = frozenset(t["id"] for t in parsed.get("added_tokens", []) if t.get("special"))
+        if config is None:
+            ids = [tk.token_to_id(s) for s in SPECIALS]
+            for s, i in zip(SPECIALS, ids, strict=True):
+                if i is None:
+                    raise SlmError(f"{origin} is not an slmkit tokenizer: it has no {s} token "
+                                   f"(a pretrained tokenizer needs its {CONFIG_FILE} beside it)")
+            self.bos_id, self.eos_id, self.pad_id = ids
+            self.add_bos, self.chat_template = True, None
+        else:
+            self.bos_id, self.eos_id, self.pad_id = self._config_ids(config, origin)
+            self.add_bos = bool(config.get("add_bos_token", False))
+            self.chat_template = config.get("chat_template")
+        ends = {self.eos_id, *(i for t in _END_TOKENS if (i := tk.token_to_id(t)) is not None)}
+        self.stop_ids = frozenset(ends | ({self.bos_id} if config is None else set()))
+        if model["type"] == "WordLevel" and config is None:
             self.kind = self.spec = "char"
             self._chars = frozenset(model["vocab"])
         elif model["type"] == "BPE" and not model["merges"] and model["vocab"] == _CHAR_BYTE:
             self.kind = self.spec = "byte"
-        elif model["type"] == "BPE":
+        elif model["type"] == "BPE" and (config is None or set("".join(model["vocab"])) <= _CHAR_BYTE.keys()):
             self.kind, self.spec = "bpe", f"bpe:{self.vocab_size}"
         else:
-            raise SlmError(f"{origin}: unsupported tokenizer model {model['type']!r}; slmkit reads byte, char and BPE")
+            raise SlmError(f"{origin}: unsupported tokenizer model {model['type']!r}; slmkit reads byte, char and "
+                           "byte-level BPE tokenizers")
+        if config is not None:
+            self.spec = f"pretrained:{self.vocab_size}"
+
+    def _config_ids(self, config: dict[str, Any], origin: str) -> tuple[int, int, int]:
+        def role(key: str) -> int | None:
+            tok = config.get(key)
+            if isinstance(tok, dict):  # transformers may store AddedToken dicts
+                tok = tok.get("content")
+            if tok is None:
+                return None
+            i = self._tk.token_to_id(tok)
+            if i is None:
+                raise SlmError(f"{origin}: {CONFIG_FILE} names {key}={tok!r}, which is not in the vocabulary")
+            return i
+
+        eos = role("eos_token")
+        if eos is None:
+            raise SlmError(f"{origin}: {CONFIG_FILE} must name an eos_token")
+        bos = role("bos_token")
+        pad = role("pad_token")
+        return (eos if bos is None else bos), eos, (eos if pad is None else pad)
 
     def __repr__(self) -> str:
         return f"Tokenizer(spec={self.spec!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]!r})"
@@ -137,18 +185,18 @@ class Tokenizer:
         return cls(tk)
 
     @classmethod
-    def from_str(cls, json_text: str) -> Tokenizer:
-        """Parse the text of a tokenizer.json written by `to_str`/`save`."""
-        return cls._parse(json_text, "tokenizer")
+    def from_str(cls, json_text: str, config: dict[str, Any] | None = None) -> Tokenizer:
+        """Parse the text of a tokenizer.json written by `to_str`/`save` (+ a pretrained tokenizer's config)."""
+        return cls._parse(json_text, "tokenizer", config)
 
     @classmethod
-    def _parse(cls, json_text: str, origin: str) -> Tokenizer:
+    def _parse(cls, json_text: str, origin: str, config: dict[str, Any] | None = None) -> Tokenizer:
         try:
             tk = tokenizers.Tokenizer.from_str(json_text)
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise SlmError(f"{origin} is not a valid tokenizer.json ({msg}); re-create it with `slm prepare`") from None
-        return cls(tk, origin)
+        return cls(tk, origin, config)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -162,24 +210,56 @@ class Tokenizer:
             raise SlmError(f"{path} is a directory; pass the tokenizer.json file inside it") from None
         except UnicodeDecodeError:
             raise SlmError(f"{path} is not a valid tokenizer.json (not UTF-8 text)") from None
-        return cls._parse(text, str(path))
+        config = None
+        if (side := path.with_name(CONFIG_FILE)).exists():
+            try:
+                config = json.loads(side.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SlmError(f"{side} is not valid JSON ({e}); the file is truncated or corrupt") from None
+        return cls._parse(text, str(path), config)
 
     def to_str(self) -> str:
         """The canonical tokenizer.json text; `sha256` is its hash."""
         return self._json
 
     def save(self, path: str | Path) -> None:
-        """Write tokenizer.json atomically; the file's sha256 equals `self.sha256`."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        """Write tokenizer.json atomically (+ tokenizer_config.json beside it for a pretrained tokenizer); the file's
+        sha256 equals `self.sha256`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(path, self._json.encode())
+        if self.config is not None:
+            write_bytes(path.with_name(CONFIG_FILE), (json.dumps(self.config, indent=2) + "\n").encode())
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        """Token ids of `text`; no specials unless `bos=True` (then `bos_id` comes first)."""
-        return self.encode_batch([text], bos=bos)[0]
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render chat `messages` ([{"role": ..., "content": ...}]) with the tokenizer's Jinja chat template, as
+        transformers does; encode the result with `specials=True`.
 
-    def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
+        >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+        '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+        """
+        if not self.chat_template:
+            raise SlmError("this tokenizer has no chat template (only imported chat models carry one)")
+        import jinja2.sandbox  # a template comes from a model file: render it sandboxed
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = env.from_string(self.chat_template)
+        cfg = self.config or {}
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=cfg.get("bos_token", ""), eos_token=cfg.get("eos_token", ""))
+
+    def encode(self, text: str, bos: bool = False, specials: bool = False) -> list[int]:
+        """Token ids of `text`; no specials unless `bos=True` (then `bos_id` comes first) or `specials=True` (special
+        strings in the text, e.g. a rendered chat template's <|im_start|>, become their control tokens)."""
+        return self.encode_batch([text], bos=bos, specials=specials)[0]
+
+    def encode_batch(self, texts: list[str], bos: bool = False, specials: bool = False) -> list[list[int]]:
         """`encode` over many texts, in parallel in the Rust encoder."""
-        if self.kind == "byte":
+        if specials:
+            if self._tk_specials is None:
+                self._tk_specials = tokenizers.Tokenizer.from_str(self._json)  # encode_special_tokens off: matched
+            out = [e.ids for e in self._tk_specials.encode_batch_fast(texts, add_special_tokens=False)]
+        elif self.kind == "byte":
             # ids are the UTF-8 bytes by construction; skipping the Rust pipeline is ~30x faster (tests check parity).
             try:
                 out = [list(t.encode("utf-8")) for t in texts]
@@ -218,9 +298,11 @@ class Tokenizer:
 
     def token_bytes(self, id: int) -> bytes:
         """The raw bytes token `id` stands for (b"" for specials); concatenate them to decode a stream."""
-        if id in (self.bos_id, self.eos_id, self.pad_id):
+        if id in (self.bos_id, self.eos_id, self.pad_id) or id in self._special_ids:
             return b""
         token = self._tk.id_to_token(id)
         if token is None:
             raise IndexError(f"token id {id} is outside the vocabulary (size {self.vocab_size})")
-        return token.encode("utf-8") if self.kind == "char" else bytes(_CHAR_BYTE[c] for c in token)
+        if self.kind == "char" or not all(c in _CHAR_BYTE for c in token):  # char vocab, or a plain added token
+            return token.encode("utf-8")
+        return bytes(_CHAR_BYTE[c] for c in token)

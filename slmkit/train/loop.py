@@ -206,7 +206,7 @@ def train(
         "train": tc.to_dict(),
         "runtime": {"threads": threads, "precision": precision},
         "params": {"total": model.num_params(), "non_embedding": model.num_params(non_embedding=True),
-                   "flops_per_token": model.flops_per_token()},
+                   "active": model.num_params(active=True), "flops_per_token": model.flops_per_token()},
         "versions": versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "status": "running",
@@ -278,7 +278,8 @@ def train(
                 x, y = batcher.next()
                 with autocast(precision):
                     _, loss = forward(x, y)
-                (loss / tc.grad_accum).backward()
+                aux = model.aux_loss  # MoE load balancing (None when dense): trained on, never reported as the loss
+                ((loss if aux is None else loss + aux) / tc.grad_accum).backward()
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
@@ -295,8 +296,12 @@ def train(
                 now = time.perf_counter()
                 tps = window_tokens / (now - window_t)
                 window_t, window_tokens = now, 0
-                log.write({"step": step, "tokens": tokens_seen, "time": round(train_time, 3), "lr": lr,
-                           "loss": last_loss, "tok_per_s": round(tps)})
+                rec = {"step": step, "tokens": tokens_seen, "time": round(train_time, 3), "lr": lr,
+                       "loss": last_loss, "tok_per_s": round(tps)}
+                moe = model.moe_stats()  # None when dense; else routing of the last micro-batch, per layer
+                if moe is not None:
+                    rec.update(expert_util=moe["expert_util"], moe_aux=moe["aux"], moe_dropped=moe["dropped"])
+                log.write(rec)
                 val_txt = f" val {last_val[1]:.3f} bpb" if last_val else ""
                 bar.update(task, completed=min(1.0, progress_of(step, train_time)),
                            description=f"step {step} loss {last_loss:.3f}{val_txt} {tps:,.0f} tok/s")

@@ -1,0 +1,9 @@
+"""Compression transforms: functions that take a model and return it rewritten (quantize; prune/distill to come).
+
+>>> from slmkit.compress import quantize
+>>> model = quantize(model, "int8")   # weight-only int8: 4x fewer bytes per decoded token
+"""
+
+from slmkit.compress.quantize import QuantLinear, quantize
+
+__all__ = ["QuantLinear", "quantize"]

@@ -1,0 +1,136 @@
+"""`slm compare`: Pareto front, classification, eval.json reuse, the report files, and the recipe at a tiny budget."""
+
+import json
+import math
+import re
+
+import pytest
+
+import slmkit.eval
+from slmkit.cli import main
+from slmkit.eval.compare import classify, compare, pareto_front, run_recipe
+from slmkit.model.ngram import train_ngram
+
+
+def test_pareto_front_minimising_both_axes():
+    pts = [(1, 3), (2, 2), (3, 3), (2, 2), (4, 1), (5, 1)]
+    # (3,3) is beaten by (2,2); (5,1) by (4,1); the duplicate (2,2) points do not beat each other
+    assert pareto_front(pts) == [True, True, False, True, True, False]
+
+
+def test_pareto_front_maximising_x_and_skipping_missing_values():
+    pts = [(3000, 2.2), (900, 2.0), (400, 1.9), (20, 1.95), (None, 1.0), (100, math.nan), (3000, 2.3)]
+    assert pareto_front(pts, maximize=(True, False)) == [True, True, True, False, False, False, False]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 1.0)]) == [True]
+
+
+@pytest.mark.parametrize(("model_class", "config", "tokenizer", "params", "expected"), [
+    ("ngram", {}, "char", 10**7, "n-gram"),
+    ("imported", {"attention": "full"}, "bpe:49152", 1.3e8, "imported pretrained"),
+    ("dense", {"moe_experts": 8, "attention": "full"}, "bpe:2048", 3e6, "MoE"),
+    ("dense", {"moe_experts": 0, "attention": "local"}, "bpe:2048", 3e6, "sparse-attention"),
+    ("dense", {"attention": "full"}, "byte", 8e5, "super-tiny"),
+    ("dense", {"attention": "full"}, "byte", 3e6, "small dense"),
+    (None, {}, "bpe:2048", 3e6, "small dense"),
+])
+def test_classify(model_class, config, tokenizer, params, expected):
+    assert classify(model_class, config, tokenizer, params) == expected
+
+
+FAKE = {  # name: (model_class, config, tokenizer, params total/active, bpb val/folio, decode tok/s, train time)
+    "ng": ("ngram", {"order": 5}, "char", (100_000, 100_000), (2.2, 2.8), 3000.0, 5.0),
+    "tiny": ("dense", {"attention": "full"}, "byte", (800_000, 800_000), (2.0, 2.6), 900.0, 180.0),
+    "moe": ("dense", {"attention": "full", "moe_experts": 8}, "bpe:2048", (3_000_000, 1_500_000), (1.9, 2.5), 400.0,
+            180.0),
+    "big": ("imported", {"attention": "full"}, "bpe:49152", (135_000_000, 135_000_000), (1.95, 2.1), 20.0, None),
+}
+
+
+def _fake_run(root, name, spec):
+    model_class, config, tok, (total, active), (val, folio), tok_s, train_time = spec
+    run = root / name
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"\0" * 1000)
+    (run / "config.json").write_text(json.dumps(config))
+    meta = {"model_class": model_class} if model_class != "dense" else {}
+    if train_time is not None:
+        meta.update(status="finished", result={"train_time": train_time, "tokens": 1000})
+    (run / "meta.json").write_text(json.dumps(meta))
+    lm = {s: {"loss_nats_per_token": b, "perplexity": 1.0, "bpb": b, "tokens": 10, "bytes": 20}
+          for s, b in (("shakespeare:val", val), ("shakespeare:folio", folio))}
+    ev = {"model": {"path": str(run), "name": name, "model_class": model_class, "params_total": total,
+                    "params_active": active, "bytes_on_disk": 1000, "tokenizer": tok, "block_size": 128},
+          "lm": lm, "tasks": {"mmlu": {"acc": 0.25, "acc_norm": 0.26, "n": 57}} if name == "big" else {},
+          "efficiency": {"decode_tok_s": tok_s, "peak_rss_mb": 300.0}, "versions": {}, "elapsed_s": 1.0}
+    (run / "eval.json").write_text(json.dumps(ev))
+    return run
+
+
+def test_compare_reuses_eval_json_and_writes_the_report(tmp_path, monkeypatch):
+    def no_evaluate(*a, **k):
+        raise AssertionError("eval.json covers the request; evaluate must not run")
+
+    monkeypatch.setattr(slmkit.eval, "evaluate", no_evaluate)
+    runs = [_fake_run(tmp_path, name, spec) for name, spec in FAKE.items()]
+    out = tmp_path / "report"
+    res = compare(runs, out, efficiency=True, say=lambda s: None)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert [rows[n]["class"] for n in FAKE] == ["n-gram", "super-tiny", "MoE", "imported pretrained"]
+    assert rows["moe"]["params_active"] == 1_500_000 and rows["tiny"]["train_time_s"] == 180.0
+    assert rows["big"]["train_time_s"] is None and rows["big"]["tasks"]["mmlu"]["acc"] == 0.25
+    assert rows["ng"]["bpb"] == {"shakespeare:val": 2.2, "shakespeare:folio": 2.8}
+    assert res["pareto"] == {"size": ["ng", "tiny", "moe"], "speed": ["ng", "tiny", "moe"]}
+    assert json.loads((out / "compare.json").read_text())["pareto"] == res["pareto"]
+    md = (out / "report.md").read_text()
+    assert "| big | imported pretrained | 135M |" in md and "| moe†‡ | MoE | 3.00M | 1.50M |" in md
+    assert "mmlu acc" in md and "![size.png](size.png)" in md
+    for png in ("size.png", "speed.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert not re.search(r'src="(?!data:)', page)  # self-contained: no external image
+
+
+def test_compare_measures_what_is_missing_then_reuses_it(tiny_data, tmp_path, monkeypatch):
+    run = train_ngram(tiny_data, tmp_path / "ng", order=3)
+    corpus = tiny_data.parent / "corpus"
+    sets = [f"{corpus}:val"]
+    res = compare([run], tmp_path / "r1", lm_sets=sets, say=lambda s: None)
+    row = res["rows"][0]
+    meta = json.loads((run / "meta.json").read_text())
+    # the held-out docs of the run's own split, scored per document: close to the shard's (which adds end events)
+    assert row["bpb"][sets[0]] == pytest.approx(meta["result"]["val_bpb"], rel=0.05)
+    assert row["train_time_s"] == pytest.approx(meta["result"]["train_time"])
+    assert row["decode_tok_s"] > 0 and row["peak_rss_mb"] > 0  # n-gram decoding measured in its own process
+    assert (run / "eval.json").exists()
+
+    monkeypatch.setattr(slmkit.eval, "evaluate", lambda *a, **k: pytest.fail("should reuse eval.json"))
+    again = compare([run], tmp_path / "r2", lm_sets=sets, say=lambda s: None)
+    assert again["rows"][0]["bpb"] == row["bpb"]
+
+
+def test_recipe_at_a_tiny_budget(tiny_data, tmp_path):
+    corpus = str(tiny_data.parent / "corpus")
+    notes = []
+    models = [("ngram-3", "ngram-3", "char"), ("tiny-gpt", "gpt-0.8m", "byte"), ("nope", "no-such-preset", "char")]
+    overrides = dict(max_steps=2, batch_size=2, eval_batches=1, threads=1, warmup_steps=1)
+    res = run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models, imported=False,
+                     train_overrides=overrides, efficiency=False, progress=False, say=notes.append)
+    assert [r["name"] for r in res["rows"]] == ["ngram-3", "tiny-gpt"]
+    assert [r["class"] for r in res["rows"]] == ["n-gram", "super-tiny"]  # gpt-0.8m at vocab 259: 0.83M params
+    assert any("skipping nope" in n for n in notes)
+    assert res["lm_sets"] == [f"{corpus}:val"]
+    assert {p.name for p in (tmp_path / "spec").iterdir()} >= {"data-char", "data-byte", "runs", "report.md"}
+    notes.clear()
+    run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models[:2], imported=False,
+               train_overrides=overrides, efficiency=False, progress=False, say=notes.append)
+    assert sum("reusing the finished run" in n for n in notes) == 2  # an interrupted recipe resumes, not restarts
+
+
+def test_cli_compare(tmp_path, capsys):
+    runs = [str(_fake_run(tmp_path, name, spec)) for name, spec in FAKE.items()]
+    assert main(["compare", *runs, "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert main(["compare", "--out", str(tmp_path / "r2")]) == 2
+    assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")]) == 2

@@ -1,0 +1,188 @@
+"""Attention kinds: shapes, strict causality for every kind, the efficient path against each kind's dense definition,
+KV-cache decoding against recomputation, FAVOR+ against exact softmax attention, and the config errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slmkit.config import ModelConfig
+from slmkit.errors import SlmError
+from slmkit.infer import SamplingParams, generate
+from slmkit.model import GPT
+from slmkit.model.attention import BlockSparseAttention, LinearAttention, LocalAttention, LSHAttention
+
+KINDS = ["full", "local", "blocksparse", "linear", "lsh"]
+SMALL = dict(attn_window=8, attn_block=8, attn_global=2, attn_summary=1, linear_features=16, lsh_buckets=4)
+
+
+def tiny(kind: str, pos: str = "rope", **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, block_size=48, n_layer=2, n_head=4, n_kv_head=4 if kind == "lsh" else 2,
+                      n_embd=32, pos=pos, attention=kind, **{**SMALL, **kw})
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shapes_and_initial_loss(kind):
+    m = tiny(kind)
+    x = torch.randint(0, 61, (3, 40))
+    logits, loss = m(x, torch.randint(0, 61, (3, 40)))
+    assert logits.shape == (3, 40, 61)
+    assert abs(loss.item() - math.log(61)) < 0.5
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_strictly_causal(kind, pos):
+    """Changing tokens t+1..T never changes the logits at positions <= t (checked at several t, across chunk and
+    block boundaries, for sequences longer than every window)."""
+    m = tiny(kind, pos)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 61, (2, 45), generator=g)
+    ref, _ = m(x)
+    for t in (0, 7, 8, 17, 30, 43):
+        y = x.clone()
+        y[:, t + 1 :] = torch.randint(0, 61, (2, 44 - t), generator=g)
+        out, _ = m(y)
+        torch.testing.assert_close(out[:, : t + 1], ref[:, : t + 1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[:, t + 1 :], ref[:, t + 1 :])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kv_cache_matches_full_forward(kind):
+    """Prefill (efficient path), a chunk after a prefix and single tokens (cached path) == one full forward."""
+    m = tiny(kind)
+    x = torch.randint(0, 61, (2, 45))
+    full, _ = m(x)
+    cache = m.new_cache(2)
+    parts = [m(x[:, :10], cache=cache)[0], m(x[:, 10:21], cache=cache)[0]]
+    parts += [m(x[:, t : t + 1], cache=cache)[0] for t in range(21, 45)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("prompt_len", [3, 20])
+def test_cached_generation_equals_uncached(kind, prompt_len):
+    m = tiny(kind)
+    prompt = [(7 * i + 3) % 61 for i in range(prompt_len)]
+    p = SamplingParams(24, temperature=0)
+    cached = list(generate(m, prompt, p, use_cache=True))
+    assert cached == list(generate(m, prompt, p, use_cache=False))
+    assert len(cached) == 24
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_past_the_context(kind):
+    """The engine drops the oldest tokens and re-prefills the cache (linear attention restarts its state)."""
+    out = list(generate(tiny(kind), [i % 61 for i in range(45)], SamplingParams(20, temperature=0)))
+    assert len(out) == 20 and all(0 <= t < 61 for t in out)
+
+
+def _module(cls, T=37, **kw):
+    cfg = ModelConfig(vocab_size=10, block_size=64, n_head=4, n_kv_head=4 if cls is LSHAttention else 2, n_embd=32,
+                      pos="none", **{**SMALL, **kw})
+    torch.manual_seed(0)
+    return cfg, cls(cfg, None, 0)
+
+
+@pytest.mark.parametrize("cls", [LocalAttention, BlockSparseAttention])
+@pytest.mark.parametrize("T", [5, 8, 37])
+def test_efficient_path_equals_dense_mask(cls, T):
+    """The chunked kernels compute exactly SDPA under the kind's visibility mask (its definition)."""
+    _, att = _module(cls)
+    q, k, v = torch.randn(2, 4, T, 8), torch.randn(2, 2, T, 8), torch.randn(2, 2, T, 8)
+    mask = att.visible(torch.arange(T), torch.arange(T))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(att.attend(q, k, v), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_visibility_patterns():
+    _, local = _module(LocalAttention)  # w = 8
+    vis = local.visible(torch.arange(20), torch.arange(20))
+    assert vis[19].nonzero().flatten().tolist() == list(range(12, 20))
+    _, bs = _module(BlockSparseAttention)  # b = 8, g = 2, c = 1
+    vis = bs.visible(torch.arange(40), torch.arange(40))
+    # position 35 (block 4): globals 0, 1; the last position of blocks 0-2; all of blocks 3-4 up to itself
+    assert vis[35].nonzero().flatten().tolist() == [0, 1, 7, 15, 23, *range(24, 36)]
+    assert vis.sum(1).max() <= 2 * 8 + 2 + 40 // 8  # O(b + g + T/b) keys per query
+
+
+def test_lsh_sorted_path_equals_dense_definition():
+    _, att = _module(LSHAttention, attn_window=4, lsh_buckets=4, lsh_hashes=3)
+    q = torch.randn(2, 4, 37, 8)
+    k, v = F.normalize(q, dim=-1), torch.randn(2, 4, 37, 8)
+    torch.testing.assert_close(att._sorted(q, k, v), att._dense(q, k, v, 0), atol=1e-5, rtol=1e-5)
+
+
+def test_lsh_attends_within_buckets():
+    """With one bucket and a window of the whole context LSH is causal attention over the normalised keys, except that
+    a query sees itself only when nothing else is visible."""
+    _, att = _module(LSHAttention, attn_window=16, lsh_buckets=2, lsh_hashes=1)
+    att.rotations.zero_()  # every key lands in bucket 0 (argmax of all-equal scores)
+    q = torch.randn(1, 4, 16, 8)
+    k, v = F.normalize(q, dim=-1), torch.randn(1, 4, 16, 8)
+    s = q @ k.transpose(-1, -2)
+    s = s.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(-1), float("-inf"))
+    s[..., 0, 0] = 0.0  # the first query has only itself
+    ref = torch.softmax(s, -1) @ v
+    torch.testing.assert_close(att._sorted(q, k, v), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_favor_approximates_softmax_attention():
+    """FAVOR+ is an unbiased estimator of the softmax kernel: with many features, causal linear attention is close to
+    exact causal softmax attention; the chunked prefix sums equal the quadratic form of the same features."""
+    _, att = _module(LinearAttention, linear_features=4096)
+    torch.manual_seed(1)
+    q, k, v = 0.5 * torch.randn(1, 4, 40, 8), 0.5 * torch.randn(1, 4, 40, 8), torch.randn(1, 4, 40, 8)
+    qf, kf = att._phi(q, True), att._phi(k, False)
+    y, _ = att._causal(qf, kf, v, None)
+    a = (qf @ kf.transpose(-1, -2)).tril()
+    torch.testing.assert_close(y, (a @ v) / a.sum(-1, keepdim=True), atol=1e-5, rtol=1e-4)  # prefix sums exact
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (y - exact).abs().mean() < 0.05 * exact.abs().mean()
+
+
+def test_linear_features_are_deterministic_and_redraw_when_asked(tmp_path):
+    a, b = tiny("linear"), tiny("linear")
+    torch.testing.assert_close(a.blocks[0].attn.features, b.blocks[0].attn.features)
+    assert not torch.equal(a.blocks[0].attn.features, a.blocks[1].attn.features)  # one draw per layer
+    m = tiny("linear", linear_redraw=2).train()
+    att = m.blocks[0].attn
+    before, seed = att.features.clone(), int(att.feature_seed)
+    x = torch.randint(0, 61, (1, 16))
+    m(x)
+    assert torch.equal(att.features, before)
+    m(x)
+    assert int(att.feature_seed) == seed + 1 and not torch.equal(att.features, before)
+    m.eval()
+    out1, _ = m(x)
+    out2, _ = m(x)
+    assert torch.equal(out1, out2)  # no redraw in eval
+    assert {"blocks.0.attn.features", "blocks.0.attn.feature_seed"} <= set(m.state_dict())  # saved with the weights
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (dict(attention="sparse"), "allowed: full, local, blocksparse, linear, lsh"),
+    (dict(attention="local", attn_window=65), "attn_window=65 must be <= block_size=64"),
+    (dict(attention="lsh", attn_window=65), "attn_window=65 must be <= block_size=64"),
+    (dict(attention="blocksparse", attn_block=80), "attn_block=80 must be <= block_size=64"),
+    (dict(attention="blocksparse", attn_summary=9, attn_block=8), "attn_summary=9 must be <= attn_block=8"),
+    (dict(attention="lsh", lsh_buckets=3), "lsh_buckets=3 must be an even number"),
+    (dict(attention="lsh", n_kv_head=2), "n_kv_head=2 must equal n_head=4"),
+    (dict(attention="linear", linear_features=0), "linear_features=0 must be a positive integer"),
+])
+def test_invalid_attention_config(overrides, needle):
+    with pytest.raises(SlmError, match=needle):
+        ModelConfig(block_size=64, n_head=4, n_embd=32, **overrides)
+
+
+def test_window_fields_are_ignored_by_full_attention():
+    ModelConfig(block_size=16, attn_window=64)  # the default window exceeds this context, but full attention ignores it
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_decreases(kind, short_training):
+    first, last = short_training(attention=kind, **SMALL)
+    assert last < first - 0.7, (first, last)
