@@ -49,11 +49,9 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x2.shape[0] <= SMALL_BATCH and x2.dtype == torch.float32 and kernels.available():
-            y = kernels.gemv(x2, self.weight, self.scale)
+            y = kernels.matmul(x2, self.weight, self.scale, self.bias)
         else:
-            y = F.linear(x2, self.dequantized().to(x2.dtype))
-        if self.bias is not None:
-            y = y + self.bias
+            y = F.linear(x2, self.dequantized().to(x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from slmkit.errors import SlmError
+from slmkit.infer.fused import FusedDecoder
 from slmkit.model import GPT
 
 
@@ -69,11 +70,13 @@ def generate(
     *,
     stop_ids: Sequence[int] = (),
     use_cache: bool = True,
+    fast: bool = True,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (streaming). Stops at max_new_tokens or after yielding a stop id.
 
     When the context fills up, the oldest tokens are dropped: the cache is rebuilt from the newest 3/4 of the context
-    (one prefill every block_size/4 tokens instead of one per token).
+    (one prefill every block_size/4 tokens instead of one per token). After the prompt, dense models decode through the
+    fused C step (slmkit/infer/fused.py); `fast=False` keeps every step in PyTorch.
     """
     p = params or SamplingParams()
     if not prompt:
@@ -86,6 +89,8 @@ def generate(
     model.eval()
     # the cache holds only what this call can need: a full-context cache of an 8k-context model is ~0.4 GB
     cache = model.new_cache(1, min(block, len(ids) + p.max_new_tokens)) if use_cache else None
+    # one C call per token after the prompt, for the dense models it covers (fused.py); PyTorch otherwise
+    fused = FusedDecoder.for_model(model, cache) if cache is not None and fast else None
     pending = ids[-block:]  # tokens not yet in the cache
     stops = set(stop_ids)
     for _ in range(p.max_new_tokens):
@@ -93,10 +98,14 @@ def generate(
             if cache.pos + len(pending) > cache.max_len:
                 cache.reset()
                 pending = ids[-(3 * block // 4) :]
-            logits, _ = model(pending[None], cache=cache, last_only=True)
+            if fused is not None and len(pending) == 1:
+                last = fused(int(pending[0]), cache.pos)
+                cache.pos += 1
+            else:
+                last = model(pending[None], cache=cache, last_only=True)[0][0, -1]
         else:
-            logits, _ = model(ids[-block:][None], last_only=True)
-        nxt = sample_next(logits[0, -1].float(), ids, p, gen)
+            last = model(ids[-block:][None], last_only=True)[0][0, -1]
+        nxt = sample_next(last.float(), ids, p, gen)
         yield nxt
         if nxt in stops:
             return

@@ -1,17 +1,17 @@
-"""Weight-only int8 / bf16 matrix-vector kernels for batch-1 decoding.
+"""CPU inference kernels in C: weight-only int8 / bf16 / fp32 matrix products for small batches, and a fused
+one-token decode step for dense transformers (slmkit/infer/csrc/kernels.c explains the numerics).
 
 Why: decoding one token reads every weight once, so on CPU its speed is the memory bandwidth divided by the bytes of
-the weights. fp32 weights cost 4 bytes per parameter; int8 weights cost 1 (+ one fp32 scale per output row) and bf16 2.
-PyTorch's own CPU paths do not get there: `torch._weight_int8pack_mm` with fp32 activations runs slower than the fp32
-matmul, and bf16 GEMV without native bf16 instructions is no faster than fp32 (docs/benchmarks.md). So this module
-compiles a small C kernel with the system C compiler on first use (`-O3 -march=native -fopenmp`; cached under
-~/.cache/slmkit/kernels) and calls it through ctypes (which releases the GIL). Activations stay fp32: each weight is
-widened in registers and fused-multiply-added, so accuracy is that of the stored weights.
+the weights (fp32 4 per parameter, bf16 2, int8 1 + one fp32 scale per output row). PyTorch does not get close at
+batch 1: its fp32 GEMV reaches about a third of the bandwidth here, `torch._weight_int8pack_mm` with fp32 activations
+is slower than fp32, and ~600 small operators per token of a 30-layer model cost as much as the weight traffic. So
+this module compiles the C file with the system C compiler on first use (`-O3 -march=native -fopenmp`; cached under
+~/.cache/slmkit/kernels, keyed by source and CPU flags) and calls it through ctypes (which releases the GIL).
 
-The kernel links the OpenMP runtime that torch itself loaded, so its threads are torch's threads: no second pool
+The library links the OpenMP runtime that torch itself loaded, so its threads are torch's threads: no second pool
 spinning against the first (two pools on 2 cores slow both by 20x+).
 
-Without a C compiler everything still works, at fp32-matmul speed (the weights are widened per call).
+Without a C compiler (or with SLMKIT_NO_KERNELS=1) everything still works through PyTorch, only slower.
 """
 
 from __future__ import annotations
@@ -27,81 +27,36 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <stddef.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-/* y[m, n] = scale[n] * sum_k x[m, k] * W[n, k] for int8 (kind 0) or bf16 (kind 1) W; 4 rows of W per inner loop so
-   each activation load serves 4 weight rows. */
-#if defined(__AVX512F__)
-static inline __m512 widen_i8(const void* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-static inline __m512 widen_bf16(const void* p) {  /* bf16 is the top half of an fp32 */
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-#endif
-
-static inline float widen_one(const void* w, size_t i, int kind) {
-  if (kind == 0) return (float)((const int8_t*)w)[i];
-  union { uint32_t u; float f; } v; v.u = ((uint32_t)((const uint16_t*)w)[i]) << 16; return v.f;
-}
-
-void slm_gemv(const float* x, const void* w, const float* scale, float* y, int M, int N, int K, int kind,
-              int nthreads) {
-  const size_t es = kind == 0 ? 1 : 2;
-  const int NB = N / 4;
-  #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int nb = 0; nb < NB; nb++) {
-    const int n = nb * 4;
-    const char* w0 = (const char*)w + (size_t)n * K * es;
-    const char* w1 = w0 + K * es; const char* w2 = w1 + K * es; const char* w3 = w2 + K * es;
-    for (int m = 0; m < M; m++) {
-      const float* xr = x + (size_t)m * K;
-      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-      int k = 0;
-#if defined(__AVX512F__)
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-      if (kind == 0) {
-        for (; k + 16 <= K; k += 16) {
-          const __m512 xv = _mm512_loadu_ps(xr + k);
-          a0 = _mm512_fmadd_ps(xv, widen_i8(w0 + k), a0); a1 = _mm512_fmadd_ps(xv, widen_i8(w1 + k), a1);
-          a2 = _mm512_fmadd_ps(xv, widen_i8(w2 + k), a2); a3 = _mm512_fmadd_ps(xv, widen_i8(w3 + k), a3);
-        }
-      } else {
-        for (; k + 16 <= K; k += 16) {
-          const __m512 xv = _mm512_loadu_ps(xr + k);
-          a0 = _mm512_fmadd_ps(xv, widen_bf16(w0 + 2 * k), a0); a1 = _mm512_fmadd_ps(xv, widen_bf16(w1 + 2 * k), a1);
-          a2 = _mm512_fmadd_ps(xv, widen_bf16(w2 + 2 * k), a2); a3 = _mm512_fmadd_ps(xv, widen_bf16(w3 + 2 * k), a3);
-        }
-      }
-      s0 = _mm512_reduce_add_ps(a0); s1 = _mm512_reduce_add_ps(a1);
-      s2 = _mm512_reduce_add_ps(a2); s3 = _mm512_reduce_add_ps(a3);
-#endif
-      for (; k < K; k++) {
-        s0 += xr[k] * widen_one(w0, k, kind); s1 += xr[k] * widen_one(w1, k, kind);
-        s2 += xr[k] * widen_one(w2, k, kind); s3 += xr[k] * widen_one(w3, k, kind);
-      }
-      float* yr = y + (size_t)m * N + n;
-      yr[0] = s0 * scale[n]; yr[1] = s1 * scale[n + 1]; yr[2] = s2 * scale[n + 2]; yr[3] = s3 * scale[n + 3];
-    }
-  }
-  for (int n = NB * 4; n < N; n++) {
-    const char* wr = (const char*)w + (size_t)n * K * es;
-    for (int m = 0; m < M; m++) {
-      float s = 0.f;
-      for (int k = 0; k < K; k++) s += x[(size_t)m * K + k] * widen_one(wr, k, kind);
-      y[(size_t)m * N + n] = s * scale[n];
-    }
-  }
-}
-"""
+_SOURCE = (Path(__file__).parent / "csrc" / "kernels.c").read_text()
 
 _lib: ctypes.CDLL | bool | None = None  # None = not tried yet, False = unavailable
-KINDS = {torch.int8: 0, torch.bfloat16: 1}
+KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2}
+QBLOCK = 64  # activations are quantized in blocks of this many values for int8 weights
+
+
+# --- the C structs (kernels.c) ---------------------------------------------------------------------------------
+
+
+class Mat(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("N", ctypes.c_int), ("K", ctypes.c_int), ("kind", ctypes.c_int)]
+
+
+class Acts(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("qs", ctypes.c_void_p), ("b16", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("n1w", "n1b", "n2w", "n2b")] + \
+               [(n, Mat) for n in ("qkv", "proj", "fc", "down")] + [("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("n_layer", "C", "nh", "nkv", "hd", "H", "max_len", "rmsnorm", "swiglu",
+                                            "pos_kind")] + [("eps", ctypes.c_float)] + \
+               [(n, ctypes.c_void_p) for n in ("emb", "pos_table", "cos", "sin", "nfw", "nfb")] + \
+               [("head", Mat), ("layers", ctypes.POINTER(Layer))] + \
+               [(n, ctypes.c_void_p) for n in ("x", "xb", "qkv", "att", "hb", "scores")] + [("acts", Acts)]
 
 
 def _torch_openmp() -> Path | None:
@@ -123,13 +78,13 @@ def _build() -> ctypes.CDLL | None:
     if sys.platform != "linux" or os.environ.get("SLMKIT_NO_KERNELS"):
         return None
     cache = Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "kernels"
-    so = cache / f"gemv-{_cpu_key()}.so"
+    so = cache / f"kernels-{_cpu_key()}.so"
     if not so.exists():
         omp = _torch_openmp()
         cc = os.environ.get("CC", "cc")
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp) / "gemv.c", Path(tmp) / "gemv.so"
+            src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             src.write_text(_SOURCE)
             link = [f"-L{omp.parent}", f"-l:{omp.name}", f"-Wl,-rpath,{omp.parent}"] if omp else []
             cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out), *link]
@@ -139,8 +94,11 @@ def _build() -> ctypes.CDLL | None:
                 return None
             os.replace(out, so)  # atomic: a concurrent builder sees no half-written library
     lib = ctypes.CDLL(str(so))
-    lib.slm_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
-    lib.slm_gemv.restype = None
+    lib.slm_matmul.argtypes = [ctypes.POINTER(Mat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                               ctypes.POINTER(Acts), ctypes.c_int]
+    lib.slm_matmul.restype = None
+    lib.slm_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.slm_decode_step.restype = None
     return lib
 
 
@@ -152,13 +110,42 @@ def available() -> bool:
     return bool(_lib)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 @ (weight (N, K) int8|bf16 × scale (N,))ᵀ → (M, N) fp32, for small M (decoding)."""
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Mat:
+    """A C view of an (N, K) weight (int8 needs its per-row fp32 `scale`); the tensors must outlive it."""
+    if weight.dtype not in KINDS or not weight.is_contiguous() or weight.dim() != 2:
+        raise ValueError(f"need a contiguous 2-D int8/bf16/fp32 weight, not {weight.dtype} {list(weight.shape)}")
+    if weight.dtype == torch.int8 and scale is None:
+        raise ValueError("int8 weights need their row scales")
+    return Mat(_ptr(weight), _ptr(scale if weight.dtype == torch.int8 else None), _ptr(bias), weight.shape[0],
+               weight.shape[1], KINDS[weight.dtype])
+
+
+class _Scratch:
+    """Activation buffers in the forms the kernels want (int8 blocks, bf16), for up to `rows` × `k` values."""
+
+    def __init__(self, rows: int, k: int):
+        n = rows * k
+        self.q = torch.empty(n, dtype=torch.int8)
+        self.qs = torch.empty(max(1, n // QBLOCK), dtype=torch.float32)
+        self.b16 = torch.empty(n, dtype=torch.int16)
+        self.acts = Acts(self.q.data_ptr(), self.qs.data_ptr(), self.b16.data_ptr())
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp32 @ (weight (N, K) × scale (N,))ᵀ + bias → (M, N) fp32, for small M (decoding, short prompts)."""
+    if not available():
+        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    x = x.contiguous().float()
     M, K = x.shape
-    N = weight.shape[0]
-    x = x.contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
-    assert available() and isinstance(_lib, ctypes.CDLL)
-    _lib.slm_gemv(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K, KINDS[weight.dtype],
-                  torch.get_num_threads())
+    y = torch.empty(M, weight.shape[0], dtype=torch.float32)
+    scratch = _Scratch(M, K)
+    b = None if bias is None else bias.float().contiguous()  # kept alive for the call: Mat holds only its address
+    m = mat(weight, scale, b)
+    lib: ctypes.CDLL = _lib  # type: ignore[assignment]
+    lib.slm_matmul(ctypes.byref(m), x.data_ptr(), M, y.data_ptr(), ctypes.byref(scratch.acts), torch.get_num_threads())
     return y

