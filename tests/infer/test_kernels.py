@@ -1,0 +1,149 @@
+"""The C kernels against exact references: each weight kind, ragged shapes, bias, and the fused decode step against
+the PyTorch forward on every model configuration it covers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slmkit.compress import quantize
+from slmkit.config import ModelConfig
+from slmkit.infer import kernels
+from slmkit.infer.engine import SamplingParams, generate
+from slmkit.infer.fused import FusedDecoder
+from slmkit.model import GPT
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the kernels")
+
+
+def _int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.abs().amax(1) / 127
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+
+def _vnni_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the int8 kernel computes: activations rounded to int8 per block of 64, exact integer dot products."""
+    M, K = x.shape
+    xb = x.view(M, K // kernels.QBLOCK, kernels.QBLOCK).double()
+    xs = xb.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(xb / xs)
+    dots = torch.einsum("mbk,nbk->mnb", xq, q.double().view(q.shape[0], K // kernels.QBLOCK, kernels.QBLOCK))
+    return ((dots * xs.squeeze(-1)[:, None, :]).sum(-1) * scale.double()).float()
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("N", [37, 128])
+def test_fp32_matches_matmul(M, N):
+    torch.manual_seed(M * N)
+    x, w, b = torch.randn(M, 200), torch.randn(N, 200), torch.randn(N)
+    torch.testing.assert_close(kernels.matmul(x, w, None, b), x @ w.T + b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_int8_is_exact_block_quantized_arithmetic(M):
+    torch.manual_seed(M)
+    x, w = torch.randn(M, 192), torch.randn(67, 192)
+    q, scale = _int8(w)
+    got = kernels.matmul(x, q, scale)
+    torch.testing.assert_close(got, _vnni_reference(x, q, scale), rtol=1e-5, atol=1e-4)
+    # and close to the fp32 product: int8 weights and activations cost well under 2% here
+    exact = x @ w.T
+    assert (got - exact).norm() / exact.norm() < 0.02
+
+
+def test_int8_with_ragged_k_widens_weights_and_keeps_activations_exact():
+    torch.manual_seed(1)
+    x, w = torch.randn(2, 100), torch.randn(9, 100)  # 100 is not a multiple of 64
+    q, scale = _int8(w)
+    torch.testing.assert_close(kernels.matmul(x, q, scale), x @ (q.float() * scale[:, None]).T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("K", [96, 100])
+def test_bf16_is_the_bf16_product(K):
+    torch.manual_seed(K)
+    x, w = torch.randn(3, K), torch.randn(21, K).bfloat16()
+    got = kernels.matmul(x, w)
+    exact = x @ w.float().T
+    if K % 32 == 0:  # vdpbf16ps: activations rounded to bf16 too
+        torch.testing.assert_close(got, x.bfloat16().float() @ w.float().T, rtol=1e-4, atol=1e-3)
+    else:  # widened weights, exact activations
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_weights_are_refused():
+    with pytest.raises(ValueError, match="int8 weights need"):
+        kernels.matmul(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8))
+    with pytest.raises(ValueError, match="contiguous 2-D"):
+        kernels.matmul(torch.randn(1, 64), torch.zeros(64, 4).T)
+
+
+CONFIGS = {
+    "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
+    "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True),
+    "sinusoidal-untied": dict(pos="sinusoidal", norm="layernorm", mlp="gelu", bias=False, tie_embeddings=False),
+    "nopos-shared-mlp": dict(pos="none", norm="rmsnorm", mlp="swiglu", share_mlp=True),
+    "shared-blocks": dict(pos="rope", norm="rmsnorm", mlp="swiglu", share_blocks=2),
+}
+
+
+def _model(big: bool = True, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, block_size=64, n_layer=4, n_head=4, n_embd=128, **kw)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # big: larger than the init, so errors are not hidden by tiny activations
+            if p.dim() > 1 and big:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _fused_logits(model: GPT, ids: torch.Tensor, split: int) -> torch.Tensor:
+    cache = model.new_cache(1, 32)
+    with torch.inference_mode():
+        model(ids[:, :split], cache=cache)
+        dec = FusedDecoder.for_model(model, cache)
+        assert dec is not None
+        out = []
+        for t in range(split, ids.size(1)):
+            out.append(dec(int(ids[0, t]), cache.pos).clone())
+            cache.pos += 1
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_step_matches_pytorch(name):
+    model = _model(**CONFIGS[name])
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(ids)[0][0, 6:]
+    torch.testing.assert_close(_fused_logits(model, ids, 6), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, tol", [("bf16", 0.01), ("int8", 0.03)])
+def test_fused_step_with_quantized_weights_stays_close_to_fp32(dtype, tol):
+    model = _model(big=False, **CONFIGS["llama"])
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(ids)[0][0, 6:]
+    got = _fused_logits(quantize(copy.deepcopy(model), dtype), ids, 6)
+    assert (got - want).norm() / want.norm() < tol
+
+
+def test_generate_fast_and_pytorch_paths_give_the_same_tokens():
+    model = _model(**CONFIGS["llama"])
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    fast = list(generate(model, [1, 2, 3], params))
+    slow = list(generate(model, [1, 2, 3], params, fast=False))
+    assert fast == slow and len(fast) == 40
+
+
+def test_unsupported_models_fall_back():
+    cache_of = lambda m: m.new_cache(1, 16)  # noqa: E731
+    for kw in (dict(attention="local", attn_window=8), dict(moe_experts=4, moe_top_k=2), dict(lowrank=8)):
+        model = _model(pos="rope", **kw)
+        assert FusedDecoder.for_model(model, cache_of(model)) is None
+        assert len(list(generate(model, [1, 2], SamplingParams(max_new_tokens=5, temperature=0.0)))) == 5
+    model = _model(pos="rope")
+    assert FusedDecoder.for_model(model, model.new_cache(2, 16)) is None  # batch 2
