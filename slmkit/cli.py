@@ -20,8 +20,8 @@ examples:
   slm train --data runs/data/shk --preset llama-3m --max-time 5m --out runs/shk-small
   slm generate runs/shk-small --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-p 0.9
   slm train --resume runs/shk-small                # continue exactly where it stopped
-  slm import gguf SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2   # a pretrained model, as a native checkpoint
-  slm generate runs/smollm2 --chat --prompt "What is the capital of France?" --temperature 0
+  slm import gguf smollm2 --out runs/smollm2       # SmolLM2-135M (installed by the set-up) as a native checkpoint
+  slm generate runs/smollm2 --chat --prompt "What is the capital of France?" --temperature 0 --weights int8
   slm eval runs/smollm2 --lm shakespeare:val --task mmlu --limit 20   # bpb + MMLU → runs/smollm2/eval.json
 """
 
@@ -126,7 +126,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     from slmkit.api import LLM
 
-    llm = LLM.load(a.run, threads=a.threads)
+    llm = LLM.load(a.run, threads=a.threads, weights=a.weights)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   repetition_penalty=a.repetition_penalty, stop=a.stop or (), seed=a.seed, chat=a.chat)
     for _ in range(a.num_samples):
@@ -294,12 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the model's chat template (imported chat models)")
     g.add_argument("--threads", type=int)
+    g.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="weight precision for generation: int8/bf16 read 4x/2x fewer bytes per token (faster on CPU)")
 
     imp_parser = sub.add_parser("import", help="turn a GGUF file or transformers checkpoint into an slmkit checkpoint")
     imp = imp_parser.add_subparsers(dest="import_cmd", required=True, metavar="FORMAT")
     for fmt, what, src_help in (
         ("gguf", "a llama.cpp GGUF file (Llama architecture; F32/F16/BF16/Q4_0/Q4_1/Q5_x/Q8_0/K-quants)",
-         "the .gguf file"),
+         "the .gguf file, or `smollm2` for the installed SmolLM2-135M-Instruct (Q4_1)"),
         ("hf", "a local transformers Llama checkpoint (config.json + safetensors + tokenizer.json)",
          "the checkpoint directory"),
     ):

