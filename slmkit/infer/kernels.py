@@ -71,7 +71,8 @@ def _cpu_key() -> str:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         flags = platform.processor()
-    return hashlib.sha256((_SOURCE + flags + platform.machine() + sys.version).encode()).hexdigest()[:16]
+    extra = os.environ.get("SLMKIT_KERNEL_FLAGS", "")
+    return hashlib.sha256((_SOURCE + flags + extra + platform.machine() + sys.version).encode()).hexdigest()[:16]
 
 
 def _build() -> ctypes.CDLL | None:
@@ -87,7 +88,9 @@ def _build() -> ctypes.CDLL | None:
             src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             src.write_text(_SOURCE)
             link = [f"-L{omp.parent}", f"-l:{omp.name}", f"-Wl,-rpath,{omp.parent}"] if omp else []
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out), *link]
+            # SLMKIT_KERNEL_FLAGS: extra compiler flags, e.g. "-mno-avx512vnni -mno-avx512bf16" to test other paths
+            extra = os.environ.get("SLMKIT_KERNEL_FLAGS", "").split()
+            cmd = [cc, "-O3", "-march=native", *extra, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out), *link]
             try:
                 subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError):
@@ -99,6 +102,7 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_matmul.restype = None
     lib.slm_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slm_decode_step.restype = None
+    lib.slm_features.restype = ctypes.c_int
     return lib
 
 
@@ -108,6 +112,15 @@ def available() -> bool:
     if _lib is None:
         _lib = _build() or False
     return bool(_lib)
+
+
+def features() -> set[str]:
+    """The instruction paths the compiled kernels use: "vnni" (int8 weights × int8 activations), "bf16" (bf16 dot
+    products), "avx512". Empty when the kernels are unavailable."""
+    if not available():
+        return set()
+    bits = _lib.slm_features()  # type: ignore[union-attr]
+    return {name for bit, name in ((1, "vnni"), (2, "bf16"), (4, "avx512")) if bits & bit}
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

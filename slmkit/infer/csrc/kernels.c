@@ -290,3 +290,18 @@ void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) 
     matmul(&m->head, m->xb, 1, logits, &m->acts);
   }
 }
+
+/* Which instruction paths this build uses: 1 = int8 VNNI, 2 = bf16 dot products, 4 = AVX-512. */
+int slm_features(void) {
+  int f = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  f |= 1;
+#endif
+#if defined(__AVX512BF16__)
+  f |= 2;
+#endif
+#if defined(__AVX512F__)
+  f |= 4;
+#endif
+  return f;
+}
