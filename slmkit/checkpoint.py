@@ -105,23 +105,35 @@ def load(path: str | Path) -> Checkpoint:
     """Load a checkpoint (or a run's latest) for inference. Never unpickles: safetensors + JSON only."""
     ckpt = resolve(path)
     cfg = ModelConfig.load(ckpt / "config.json")
-    model = GPT(cfg)
-    load_weights(model, ckpt / "model.safetensors")
+    # built on the meta device and given the file's tensors (assign): no random init, and the weights are in memory
+    # once — loading a 135M model peaks at its size, not twice it
+    with torch.device("meta"):
+        model = GPT(cfg)
+    load_weights(model, ckpt / "model.safetensors", assign=True)
+    model.build_buffers()
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise SlmError(f"{ckpt}: model.safetensors does not fill the model ({', '.join(empty[:3])} missing)")
     model.eval()
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return Checkpoint(ckpt, model, tokenizer, read_json(ckpt / "meta.json"))
 
 
-def load_weights(model: GPT, file: Path) -> None:
+def load_weights(model: GPT, file: Path, *, assign: bool = False) -> None:
+    """Load `file` into `model`, strictly (a tied head may be absent). assign=True adopts the file's tensors instead
+    of copying into the model's (for a model built on the meta device)."""
     try:
         sd = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise SlmError(f"cannot read weights {file}: {e} — the file is truncated or corrupt; "
                        f"use an earlier checkpoint of the run") from None
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
+    tied = model.config.tie_embeddings
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if missing or unexpected:
         raise SlmError(f"weights {file} do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if assign and tied:  # assign replaced tok_emb.weight: tie the head to the new tensor again
+        model.lm_head.weight = model.tok_emb.weight
 
 
 def load_train_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -160,7 +160,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     lm = a.lm if a.lm is not None else ([] if a.task else ["shakespeare:val"])
     metrics = evaluate(a.run, lm=lm, tasks=a.task or [], shots=a.shots, limit=a.limit, efficiency=a.efficiency,
-                       threads=a.threads, progress=not a.quiet, stride=a.stride, context=a.context)
+                       threads=a.threads, progress=not a.quiet, stride=a.stride, context=a.context,
+                       max_bytes=a.max_bytes, weights=a.weights)
     out = Path(a.out) if a.out else Path(a.run) / "eval.json"
     write_json(out, metrics)
     Console().print(metrics_table(metrics))
@@ -172,6 +173,8 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
     common = dict(tasks=a.task or (), limit=a.limit, efficiency=not a.no_efficiency, threads=a.threads,
                   progress=not a.quiet)
+    if a.max_bytes is not None or not a.recipe:  # the recipe has its own default
+        common["max_bytes"] = a.max_bytes
     if a.recipe:
         result = run_recipe(a.out, recipe=a.recipe, budget=a.budget, corpus=a.corpus, lm_sets=a.lm,
                             extra_runs=a.runs, **common)
@@ -320,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most N questions per subject (quick runs)")
     ev.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: half the context)")
     ev.add_argument("--context", type=int, help="longest context in tokens (default: the model's block size)")
+    ev.add_argument("--max-bytes", type=int, help="score only the first N bytes of each text set (quick runs)")
     ev.add_argument("--efficiency", action="store_true", help="also measure speed, memory and size")
+    ev.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
+                    help="quantize the linear layers first (measure a compressed model)")
     ev.add_argument("--threads", type=int)
     ev.add_argument("--out", help="metrics JSON to write (default: RUN/eval.json)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -332,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out text sets, first = in-domain (default: shakespeare:val, shakespeare:folio)")
     cp.add_argument("--task", action="append", metavar="TASK", help="also run a multiple-choice task (e.g. mmlu)")
     cp.add_argument("--limit", type=int, help="at most N questions per task subject")
+    cp.add_argument("--max-bytes", type=int,
+                    help="score every model on the first N bytes of each text set (recipe default: 250000)")
     cp.add_argument("--no-efficiency", action="store_true", help="skip decode speed / memory measurements")
     cp.add_argument("--recipe", choices=["spectrum"], help="first train a standard set of models into --out")
     cp.add_argument("--budget", default="3m", help="recipe: training time per neural model (default 3m)")

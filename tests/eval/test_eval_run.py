@@ -2,8 +2,6 @@
 `PATH:val`, the n-gram scored by the same sliding-window code, and the efficiency hook."""
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from slmkit.cli import main
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.eval import evaluate
+from slmkit.eval.evaluate import first_bytes
 from slmkit.model import GPT
 from slmkit.tokenizer import Tokenizer
 
@@ -91,15 +90,30 @@ def test_ngram_run_is_scored_by_the_same_evaluator(tmp_path, tiny_data):
 
 
 def test_efficiency_hook(run, monkeypatch):
+    from slmkit.eval import efficiency
+
     calls = []
-    fake = types.ModuleType("slmkit.eval.efficiency")
-    fake.measure = lambda model, tokenizer, threads=None: calls.append(threads) or {"decode_tok_s": 1.0}
-    monkeypatch.setitem(sys.modules, "slmkit.eval.efficiency", fake)
-    m = evaluate(run, lm=(), efficiency=True, threads=1)
-    assert m["efficiency"] == {"decode_tok_s": 1.0} and calls == [1]
-    monkeypatch.setitem(sys.modules, "slmkit.eval.efficiency", None)  # not built yet: a clear error, no traceback
-    with pytest.raises(SlmError, match="efficiency"):
-        evaluate(run, lm=(), efficiency=True, threads=1)
+    monkeypatch.setattr(efficiency, "measure", lambda path, threads=None, weights="fp32":
+                        calls.append((path, threads, weights)) or {"decode_tok_s": 1.0})
+    m = evaluate(run, lm=(), efficiency=True, threads=1, weights="int8")
+    assert m["efficiency"] == {"decode_tok_s": 1.0} and calls == [(checkpoint.step_dir(run, 3), 1, "int8")]
+    assert m["model"]["weights"] == "int8"
+
+
+def test_max_bytes_scores_the_same_prefix_for_every_model(run):
+    full = evaluate(run, lm=["shakespeare:val"])["lm"]["shakespeare:val"]
+    cut = evaluate(run, lm=["shakespeare:val"], max_bytes=5000)["lm"]["shakespeare:val"]
+    assert cut["bytes"] == 5000 < full["bytes"] and cut["max_bytes"] == 5000
+    assert first_bytes(["ab", "cdé", "fg"], 5) == ["ab", "cd"]  # é is 2 bytes: cut before it, never inside
+    assert first_bytes(["ab", "cd"], 100) == ["ab", "cd"]
+    with pytest.raises(SlmError, match="max_bytes"):
+        evaluate(run, lm=["shakespeare:val"], max_bytes=0)
+
+
+def test_quantized_weights_score_close_to_fp32(run):
+    fp32 = evaluate(run, lm=["shakespeare:val"], max_bytes=20000)["lm"]["shakespeare:val"]["bpb"]
+    int8 = evaluate(run, lm=["shakespeare:val"], max_bytes=20000, weights="int8")["lm"]["shakespeare:val"]["bpb"]
+    assert int8 != fp32 and abs(int8 - fp32) < 0.02 * fp32
 
 
 def test_moe_checkpoint_reports_active_params(tmp_path):
