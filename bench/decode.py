@@ -1,5 +1,7 @@
 """Batch-1 greedy decoding speed: SmolLM2-135M imported into slmkit (fp32, bf16 and int8 weights) vs transformers'
-`generate()` on the same GGUF weights (fp32), same prompt, same number of new tokens, same run, same thread count.
+`generate()` on the same GGUF weights (fp32) and, when llama-cpp-python is installed (not part of the set-up:
+`.venv/bin/pip install llama-cpp-python==0.3.36`, a C++ build), llama.cpp on the GGUF file itself (Q4_1) — same
+prompt, same number of new tokens, same run, same thread count.
 
 Decode tokens/s excludes the prompt: each side is timed generating 1 token and N tokens, and decode speed is
 (N − 1) / (t_N − t_1). Runs are interleaved (slmkit fp32, bf16, int8, transformers, repeat) and medians reported,
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import sys
 import time
@@ -27,16 +30,31 @@ from bench.common import CACHE
 PROMPT = "The history of the printing press begins in"
 
 
-def read_bandwidth(gb: float = 1.0, repeats: int = 7) -> float:
-    """Bytes/s of a streaming read (sum over a buffer far larger than the caches) at torch's current thread count."""
-    x = torch.ones(int(gb * 2**30) // 4)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times)
+class Bandwidth:
+    """Read bandwidth (bytes/s) at torch's thread count: the faster of two streaming reads over 1 GB (far beyond the
+    caches) — a torch reduction, and slmkit's fp32 GEMV over a (N, 1024) matrix. Measured once per repeat, between
+    the timed runs, because the bandwidth left by other tenants of a shared machine varies."""
+
+    def __init__(self, gb: float = 1.0):
+        from slmkit.infer import kernels
+
+        self.x = torch.ones(int(gb * 2**30) // 4)
+        self.kernels = kernels if kernels.available() else None
+        self.x.sum()
+
+    def __call__(self, repeats: int = 3) -> float:
+        best = float("inf")
+        w = self.x.view(-1, 1024)
+        v = torch.ones(1, 1024)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            self.x.sum()
+            best = min(best, time.perf_counter() - t)
+            if self.kernels is not None:
+                t = time.perf_counter()
+                self.kernels.matmul(v, w)
+                best = min(best, time.perf_counter() - t)
+        return self.x.numel() * 4 / best
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -53,6 +71,13 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         elif isinstance(mod, torch.nn.Embedding):
             total += mod.weight.shape[1] * mod.weight.element_size()
     return total
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of the GGUF's matrices (the head reads the whole tied embedding), as stored (quantized)."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors if len(t.shape) == 2)
 
 
 def smollm2(root: Path) -> tuple[Path, Path]:
@@ -90,6 +115,18 @@ def time_hf(model, prompt: list[int], n: int) -> float:
     return dt
 
 
+def time_llama_cpp(llm, prompt: list[int], n: int) -> float:
+    """llama.cpp greedy: the time of n tokens minus the first (its generator yields token by token)."""
+    llm.reset()
+    t1 = 0.0
+    for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
+        if i == 0:
+            t1 = time.perf_counter()
+        if i == n - 1:
+            return time.perf_counter() - t1
+    raise AssertionError("llama.cpp stopped early")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -117,6 +154,12 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
         timers["transformers fp32"] = (time_hf, hf)
         models["transformers fp32"] = hf
+    llama = None
+    if not args.no_peer and importlib.util.find_spec("llama_cpp") is not None:
+        from llama_cpp import Llama
+
+        llama = Llama(model_path=str(gguf), n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
+                      verbose=False)
 
     # the same greedy tokens on both sides (fp32), before timing anything
     from slmkit.infer.engine import SamplingParams, generate
@@ -137,18 +180,28 @@ def main() -> None:
     speeds: dict[str, list[float]] = {name: [] for name in timers}
     for fn, m in timers.values():  # warm-up (kernels compiled, caches allocated)
         fn(m, prompt, 4)
+    if llama is not None:
+        speeds["llama.cpp Q4_1"] = []
+        time_llama_cpp(llama, prompt, 4)
+    bandwidth, bws = Bandwidth(), []
     for r in range(args.repeats):
+        bws.append(bandwidth())
         for name, (fn, m) in timers.items():
             t1, tn = fn(m, prompt, 1), fn(m, prompt, n)
             speeds[name].append((n - 1) / (tn - t1))
+        if llama is not None:
+            speeds["llama.cpp Q4_1"].append((n - 1) / time_llama_cpp(llama, prompt, n))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()))
-    bw = read_bandwidth()
-    print(f"\nread bandwidth ({args.threads} threads): {bw / 1e9:.1f} GB/s; {n} new tokens after a {len(prompt)}-token "
-          f"prompt, medians of {args.repeats}")
+    bw = statistics.median(bws)
+    print(f"\nread bandwidth ({args.threads} threads): {bw / 1e9:.1f} GB/s (per repeat: "
+          f"{', '.join(f'{b / 1e9:.1f}' for b in bws)}); {n} new tokens after a {len(prompt)}-token prompt, medians of "
+          f"{args.repeats}")
     peer = statistics.median(speeds["transformers fp32"]) if "transformers fp32" in speeds else None
     print(f"{'':20s} {'tok/s':>8s} {'MB/token':>9s} {'of bandwidth':>13s} {'vs transformers':>16s}")
     for name, v in speeds.items():
-        med, mb = statistics.median(v), weight_bytes_per_token(models[name]) / 1e6
+        # Q4_1: 20 bytes per 32 weights; the tied embedding is read whole by the head
+        mb = weight_bytes_per_token(models[name]) / 1e6 if name in models else gguf_bytes_per_token(gguf) / 1e6
+        med = statistics.median(v)
         ratio = f"{med / peer:.2f}x" if peer else "-"
         print(f"{name:20s} {med:8.1f} {mb:9.0f} {mb * 1e6 * med / bw:12.0%} {ratio:>16s}")
 
