@@ -173,8 +173,9 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
     common = dict(tasks=a.task or (), limit=a.limit, efficiency=not a.no_efficiency, threads=a.threads,
                   progress=not a.quiet)
-    if a.max_bytes is not None or not a.recipe:  # the recipe has its own default
-        common["max_bytes"] = a.max_bytes
+    for key in ("max_bytes", "context"):  # the recipe has its own defaults
+        if getattr(a, key) is not None or not a.recipe:
+            common[key] = getattr(a, key)
     if a.recipe:
         result = run_recipe(a.out, recipe=a.recipe, budget=a.budget, corpus=a.corpus, lm_sets=a.lm,
                             extra_runs=a.runs, **common)
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--limit", type=int, help="at most N questions per task subject")
     cp.add_argument("--max-bytes", type=int,
                     help="score every model on the first N bytes of each text set (recipe default: 250000)")
+    cp.add_argument("--context", type=int,
+                    help="score every model with windows of at most N tokens (recipe default: 1024)")
     cp.add_argument("--no-efficiency", action="store_true", help="skip decode speed / memory measurements")
     cp.add_argument("--recipe", choices=["spectrum"], help="first train a standard set of models into --out")
     cp.add_argument("--budget", default="3m", help="recipe: training time per neural model (default 3m)")

@@ -107,15 +107,20 @@ def _weights_mtime(run: Path) -> float:
     return f.stat().st_mtime if f.exists() else 0.0
 
 
-def _has_set(ev: dict[str, Any], name: str, max_bytes: int | None) -> bool:
-    """Does eval.json hold set `name` measured on the same text (the same `max_bytes` prefix, or all of it)?"""
+def _has_set(ev: dict[str, Any], name: str, max_bytes: int | None, context: int | None = None) -> bool:
+    """Does eval.json hold set `name` measured the same way: on the same text (the same `max_bytes` prefix, or all of
+    it) and with the same window (`context` capped by the model's block size; n-gram entries have none)?"""
     entry = ev.get("lm", {}).get(name)
-    return entry is not None and entry.get("max_bytes") == max_bytes
+    if entry is None or entry.get("max_bytes") != max_bytes:
+        return False
+    block = ev.get("model", {}).get("block_size")
+    want = block if context is None or block is None else min(context, block)
+    return entry.get("context") in (None, want)
 
 
 def _covers(ev: dict[str, Any], lm_sets: Sequence[str], tasks: Sequence[str], efficiency: bool,
-            max_bytes: int | None = None) -> bool:
-    return (all(_has_set(ev, s, max_bytes) for s in lm_sets) and all(t in ev.get("tasks", {}) for t in tasks)
+            max_bytes: int | None = None, context: int | None = None) -> bool:
+    return (all(_has_set(ev, s, max_bytes, context) for s in lm_sets) and all(t in ev.get("tasks", {}) for t in tasks)
             and (not efficiency or "efficiency" in ev))
 
 
@@ -150,11 +155,11 @@ def ngram_efficiency(run: str | Path, tokens: int = 256) -> dict[str, Any]:
 
 def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Sequence[str] = (),
             limit: int | None = None, efficiency: bool = True, threads: int | None = None,
-            max_bytes: int | None = None, progress: bool = False,
+            max_bytes: int | None = None, context: int | None = None, progress: bool = False,
             say: Callable[[str], None] = print) -> dict[str, Any]:
     """The eval.json dict of one run covering `lm_sets` (each on its first `max_bytes` bytes, or whole), `tasks` (and
-    efficiency): RUN/eval.json when it covers them and is newer than the weights, else the missing parts are measured
-    and RUN/eval.json is rewritten."""
+    efficiency), scored with windows of at most `context` tokens: RUN/eval.json when it covers them and is newer than
+    the weights, else the missing parts are measured and RUN/eval.json is rewritten."""
     from slmkit.model.ngram import is_ngram_run
 
     run = Path(run)
@@ -164,10 +169,10 @@ def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Se
     path = run / "eval.json"
     ev = _read_json(path) if path.exists() and path.stat().st_mtime >= _weights_mtime(run) else {}
     want_eff = efficiency
-    if ev and _covers(ev, lm_sets, tasks, want_eff, max_bytes):
+    if ev and _covers(ev, lm_sets, tasks, want_eff, max_bytes, context):
         say(f"{run.name}: reusing {path}")
         return ev
-    missing_sets = [s for s in lm_sets if not _has_set(ev, s, max_bytes)]
+    missing_sets = [s for s in lm_sets if not _has_set(ev, s, max_bytes, context)]
     missing_tasks = [t for t in tasks if t not in ev.get("tasks", {})]
     need_eff = want_eff and "efficiency" not in ev
     if missing_sets or missing_tasks or not ev or (need_eff and not ngram):
@@ -175,7 +180,7 @@ def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Se
 
         say(f"{run.name}: evaluating {', '.join([*missing_sets, *missing_tasks]) or 'efficiency'}")
         new = evaluate(run, lm=missing_sets, tasks=missing_tasks, limit=limit, efficiency=need_eff and not ngram,
-                       max_bytes=max_bytes, threads=threads, progress=progress)
+                       max_bytes=max_bytes, context=context, threads=threads, progress=progress)
         # merged, so an earlier efficiency block or other sets survive a partial re-measurement
         ev = {**ev, **new, "lm": {**ev.get("lm", {}), **new["lm"]}, "tasks": {**ev.get("tasks", {}), **new["tasks"]}}
     if need_eff and ngram:
@@ -336,11 +341,13 @@ def compare(
     efficiency: bool = True,
     threads: int | None = None,
     max_bytes: int | None = None,
+    context: int | None = None,
     progress: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure `runs` (eval.json reused where it covers the request) and write the report into `out`. `max_bytes`
-    scores every model on the same first N bytes of each set (a 135M model on all 4.5 MB of the Folio takes ~1 h here).
+    scores every model on the same first N bytes of each set (a 135M model on all 4.5 MB of the Folio takes ~1 h here);
+    `context` caps every model's scoring window (SmolLM2's 8192-token windows cost ~5x its 1024-token ones).
 
     Returns the compare.json dict: {"lm_sets", "tasks", "rows": [...], "pareto": {"size": [...], "speed": [...]}}.
 
@@ -354,7 +361,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     evals = [measure(r, lm_sets=lm_sets, tasks=tasks, limit=limit, efficiency=efficiency, threads=threads,
-                     max_bytes=max_bytes, progress=progress, say=say) for r in runs]
+                     max_bytes=max_bytes, context=context, progress=progress, say=say) for r in runs]
     rows = [row_of(r, ev, lm_sets) for r, ev in zip(runs, evals, strict=True)]
     seen: dict[str, int] = {}
     for r in rows:  # two runs named alike (…/a/run, …/b/run) stay distinguishable
@@ -378,6 +385,7 @@ def compare(
         "kind": "slmkit-compare/1",
         "lm_sets": list(lm_sets),
         "max_bytes": max_bytes,
+        "context": context,
         "tasks": all_tasks,
         "rows": rows,
         "pareto": {"size": [r["name"] for r in rows if r["front_size"]],
@@ -388,7 +396,8 @@ def compare(
     }
     write_json(out / "compare.json", result)
     notes = [*NOTES, *([f"bits per byte on the first {max_bytes:,} bytes of each text set (the same text for every "
-                        "model)"] if max_bytes else [])]
+                        "model)"] if max_bytes else []),
+             *([f"scoring windows of at most {context:,} tokens (sliding, stride half the window)"] if context else [])]
     write_bytes(out / "report.md", _markdown(rows, lm_sets, all_tasks, plots, notes).encode())
     write_bytes(out / "report.html", _html(rows, lm_sets, all_tasks, out, plots, notes).encode())
     return result
@@ -419,7 +428,8 @@ SPECTRUM: tuple[tuple[str, str, str], ...] = (
     ("local-3m", "local-3m", "bpe:2048"),
 )
 RECIPES = {"spectrum": SPECTRUM}
-RECIPE_MAX_BYTES = 250_000  # per text set: the imported 135M model scores ~250 KB in a few minutes on 2 cores
+RECIPE_MAX_BYTES = 250_000  # per text set, and windows of at most RECIPE_CONTEXT tokens: the imported 135M model
+RECIPE_CONTEXT = 1024  # scores both sets in minutes on 2 cores, not an hour (the recipe's own models use 128-256)
 
 
 def run_recipe(
@@ -436,6 +446,7 @@ def run_recipe(
     efficiency: bool = True,
     threads: int | None = None,
     max_bytes: int | None = RECIPE_MAX_BYTES,
+    context: int | None = RECIPE_CONTEXT,
     train_overrides: dict[str, Any] | None = None,
     extra_runs: Sequence[str | Path] = (),
     progress: bool = True,
@@ -508,4 +519,4 @@ def run_recipe(
             runs.append(run)
     runs += [Path(r) for r in extra_runs]
     return compare(runs, out, lm_sets=lm_sets, tasks=tasks, limit=limit, efficiency=efficiency, threads=threads,
-                   max_bytes=max_bytes, progress=progress, say=say)
+                   max_bytes=max_bytes, context=context, progress=progress, say=say)

@@ -8,7 +8,7 @@ import pytest
 
 import slmkit.eval
 from slmkit.cli import main
-from slmkit.eval.compare import classify, compare, pareto_front, run_recipe
+from slmkit.eval.compare import _has_set, classify, compare, pareto_front, run_recipe
 from slmkit.model.ngram import train_ngram
 
 
@@ -147,3 +147,12 @@ def test_compare_with_max_bytes_scores_a_prefix_and_remeasures_when_it_changes(t
     whole = compare([run], tmp_path / "r2", lm_sets=sets, efficiency=False, say=notes.append)
     assert whole["evals"]["ng"]["lm"][sets[0]]["bytes"] > 2000  # not the cached prefix
     assert not any("reusing" in n for n in notes)
+
+
+def test_has_set_matches_text_and_window():
+    ev = {"model": {"block_size": 256}, "lm": {"a": {"max_bytes": None, "context": 256},
+                                              "b": {"max_bytes": 1000, "context": 128}, "n": {"context": None}}}
+    assert _has_set(ev, "a", None) and _has_set(ev, "a", None, 1024)  # the cap exceeds the block: same window
+    assert not _has_set(ev, "a", None, 128) and not _has_set(ev, "a", 1000)
+    assert _has_set(ev, "b", 1000, 128) and not _has_set(ev, "b", 1000) and not _has_set(ev, "missing", None)
+    assert _has_set(ev, "n", None, 64)  # n-gram entries have no window
