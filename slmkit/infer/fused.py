@@ -1,8 +1,8 @@
 """The fused decode step: one C call per generated token for dense transformers (kernels.c `slm_decode_step`).
 
-`FusedDecoder.for_model(model, cache)` returns None when the model is outside what the C step implements — any
-attention kind but full, MoE, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then decodes
-through PyTorch, which computes the same function (tests compare the two on every supported configuration).
+`FusedDecoder.for_model(model, cache)` returns None when the model is outside what the C step implements — attention
+other than full or sliding-window, MoE, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then
+decodes through PyTorch, which computes the same function (tests compare the two on every supported configuration).
 Linear layers may be fp32 `nn.Linear` or int8/bf16 `QuantLinear` (slmkit.compress.quantize), mixed freely.
 """
 
@@ -43,7 +43,7 @@ class FusedDecoder:
         if not isinstance(model, GPT) or not kernels.available():
             return None
         cfg = model.config
-        if cfg.attention != "full" or cfg.moe_experts or cfg.lowrank or cfg.pos not in POS_KINDS:
+        if cfg.attention not in ("full", "local") or cfg.moe_experts or cfg.lowrank or cfg.pos not in POS_KINDS:
             return None
         if model.tok_emb.weight.dtype != torch.float32 or cache.k[0].dtype != torch.float32 or cache.k[0].size(0) != 1:
             return None
@@ -70,7 +70,7 @@ class FusedDecoder:
         rotary = model.blocks[0].attn.rotary
         cm = kernels.Model(
             cfg.n_layer, C, nh, nkv, hd, H, cache.max_len, cfg.norm == "rmsnorm", cfg.mlp == "swiglu",
-            POS_KINDS[cfg.pos], cfg.norm_eps,
+            POS_KINDS[cfg.pos], cfg.attn_window if cfg.attention == "local" else 0, cfg.norm_eps,
             model.tok_emb.weight.data_ptr(), None if pos_table is None else pos_table.data_ptr(),
             None if rotary is None else rotary.cos.data_ptr(), None if rotary is None else rotary.sin.data_ptr(),
             model.norm_f.weight.data_ptr(), _bias(model.norm_f), head, layers,

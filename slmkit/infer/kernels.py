@@ -53,7 +53,7 @@ class Layer(ctypes.Structure):
 
 class Model(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("n_layer", "C", "nh", "nkv", "hd", "H", "max_len", "rmsnorm", "swiglu",
-                                            "pos_kind")] + [("eps", ctypes.c_float)] + \
+                                            "pos_kind", "window")] + [("eps", ctypes.c_float)] + \
                [(n, ctypes.c_void_p) for n in ("emb", "pos_table", "cos", "sin", "nfw", "nfb")] + \
                [("head", Mat), ("layers", ctypes.POINTER(Layer))] + \
                [(n, ctypes.c_void_p) for n in ("x", "xb", "qkv", "att", "hb", "scores")] + [("acts", Acts)]

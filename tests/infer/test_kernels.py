@@ -86,6 +86,7 @@ CONFIGS = {
     "sinusoidal-untied": dict(pos="sinusoidal", norm="layernorm", mlp="gelu", bias=False, tie_embeddings=False),
     "nopos-shared-mlp": dict(pos="none", norm="rmsnorm", mlp="swiglu", share_mlp=True),
     "shared-blocks": dict(pos="rope", norm="rmsnorm", mlp="swiglu", share_blocks=2),
+    "local-window": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="local", attn_window=4),
 }
 
 
@@ -142,7 +143,7 @@ def test_generate_fast_and_pytorch_paths_give_the_same_tokens():
 
 def test_unsupported_models_fall_back():
     cache_of = lambda m: m.new_cache(1, 16)  # noqa: E731
-    for kw in (dict(attention="local", attn_window=8), dict(moe_experts=4, moe_top_k=2), dict(lowrank=8)):
+    for kw in (dict(attention="linear"), dict(moe_experts=4, moe_top_k=2), dict(lowrank=8)):
         model = _model(pos="rope", **kw)
         assert FusedDecoder.for_model(model, cache_of(model)) is None
         assert len(list(generate(model, [1, 2], SamplingParams(max_new_tokens=5, temperature=0.0)))) == 5

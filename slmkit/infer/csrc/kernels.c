@@ -164,7 +164,8 @@ void slm_matmul(const Mat* A, const float* x, int M, float* y, Acts* acts, int n
 
 /* ---------------------------------------------------------------------------------------------------------------
  * One decode step of a dense pre-norm transformer (slmkit.model.GPT with full attention): GPT-2 style (learned or
- * sinusoidal positions, LayerNorm, GELU) or Llama style (RoPE, RMSNorm, SwiGLU, GQA), batch 1.
+ * sinusoidal positions, LayerNorm, GELU) or Llama style (RoPE, RMSNorm, SwiGLU, GQA), full or sliding-window
+ * attention, batch 1.
  */
 enum { POS_NONE = 0, POS_TABLE = 1, POS_ROPE = 2 };
 
@@ -176,6 +177,7 @@ typedef struct {
 
 typedef struct {
   int n_layer, C, nh, nkv, hd, H, max_len, rmsnorm, swiglu, pos_kind;
+  int window; /* sliding-window attention: each query sees the last `window` positions; 0 = all */
   float eps;
   const float *emb, *pos_table, *cos, *sin, *nfw, *nfb; /* emb (V, C); pos_table (block, C); cos/sin (block, hd) */
   Mat head;
@@ -212,8 +214,9 @@ static void rope(const Model* m, float* v, int pos) { /* rotate-half layout (HF 
   }
 }
 
-/* Attention of one query head over cache positions 0..pos. */
+/* Attention of one query head over cache positions 0..pos (the last m->window of them, if set). */
 static void attend(const Model* m, const Layer* L, int h, int pos) {
+  const int t0 = m->window > 0 && pos >= m->window ? pos - m->window + 1 : 0;
   const int hd = m->hd, g = h / (m->nh / m->nkv);
   const float* q = m->qkv + (size_t)h * hd;
   const float* kc = L->kc + (size_t)g * m->max_len * hd;
@@ -221,17 +224,17 @@ static void attend(const Model* m, const Layer* L, int h, int pos) {
   float* sc = m->scores + (size_t)h * m->max_len;
   const float scale = 1.f / sqrtf((float)hd);
   float mx = -INFINITY;
-  for (int t = 0; t <= pos; t++) {
+  for (int t = t0; t <= pos; t++) {
     float d = 0.f;
     for (int i = 0; i < hd; i++) d += q[i] * kc[(size_t)t * hd + i];
     sc[t] = d * scale;
     mx = fmaxf(mx, sc[t]);
   }
   float sum = 0.f;
-  for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+  for (int t = t0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
   float* out = m->att + (size_t)h * hd;
   for (int i = 0; i < hd; i++) out[i] = 0.f;
-  for (int t = 0; t <= pos; t++) {
+  for (int t = t0; t <= pos; t++) {
     const float p = sc[t] / sum;
     for (int i = 0; i < hd; i++) out[i] += p * vc[(size_t)t * hd + i];
   }
