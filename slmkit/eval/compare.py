@@ -199,6 +199,9 @@ def row_of(run: str | Path, ev: dict[str, Any], lm_sets: Sequence[str]) -> dict[
     meta = {**_read_json(ckpt.parent.parent / "meta.json"), **_read_json(ckpt / "meta.json")}
     model_class = m.get("model_class") or meta.get("model_class")
     eff = ev.get("efficiency") or {}
+    first = ev.get("lm", {}).get(lm_sets[0]) or {} if lm_sets else {}
+    bytes_per_token = first["bytes"] / first["tokens"] if first.get("tokens") else None
+    tok_s = eff.get("decode_tok_s")
     return {
         "name": m.get("name") or run.name,
         "path": str(run),
@@ -210,7 +213,10 @@ def row_of(run: str | Path, ev: dict[str, Any], lm_sets: Sequence[str]) -> dict[
         "bytes_on_disk": m.get("bytes_on_disk"),
         **_train_info(run, ckpt),
         "bpb": {s: (ev.get("lm", {}).get(s) or {}).get("bpb") for s in lm_sets},
-        "decode_tok_s": eff.get("decode_tok_s"),
+        "decode_tok_s": tok_s,
+        # tokens differ across tokenizers (a byte, a character, ~4 bytes of BPE): text generated per second compares
+        "bytes_per_token": bytes_per_token,
+        "decode_bytes_s": tok_s * bytes_per_token if tok_s and bytes_per_token else None,
         "peak_rss_mb": eff.get("peak_rss_mb"),
         "tasks": {t: {k: r.get(k) for k in ("acc", "acc_norm", "n")} for t, r in (ev.get("tasks") or {}).items()},
     }
@@ -241,7 +247,7 @@ def _table(rows: list[dict[str, Any]], lm_sets: Sequence[str],
            tasks: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     head = ["model", "class", "params", "active", "on disk", "train time",
             *(f"bpb {s}{' (in-domain)' if i == 0 else ' (out-of-domain)'}" for i, s in enumerate(lm_sets)),
-            "decode tok/s", "peak RSS MB", *(f"{t} acc" for t in tasks)]
+            "decode tok/s", "decode bytes/s", "peak RSS MB", *(f"{t} acc" for t in tasks)]
     body = []
     for r in rows:
         marks = "".join(m for m, key in (("†", "front_size"), ("‡", "front_speed")) if r.get(key))
@@ -249,7 +255,8 @@ def _table(rows: list[dict[str, Any]], lm_sets: Sequence[str],
             f"{r['name']}{marks}", r["class"], _fmt(r["params_total"], "params"), _fmt(r["params_active"], "params"),
             _fmt(r["bytes_on_disk"], "bytes"), _fmt(r["train_time_s"], "time"),
             *(_fmt(r["bpb"].get(s), "bpb") for s in lm_sets), _fmt(r["decode_tok_s"], "rate"),
-            _fmt(r["peak_rss_mb"], "rate"), *(_fmt((r["tasks"].get(t) or {}).get("acc"), "acc") for t in tasks),
+            _fmt(r["decode_bytes_s"], "rate"), _fmt(r["peak_rss_mb"], "rate"),
+            *(_fmt((r["tasks"].get(t) or {}).get("acc"), "acc") for t in tasks),
         ])
     return head, body
 
@@ -299,7 +306,8 @@ NOTES = [
     "train time: optimisation time from the run's meta.json (evaluation and checkpoints excluded); an n-gram's is its "
     "counting time; imported models were not trained here.",
     "decode tok/s and peak RSS: batch-1 generation on this machine (n-gram: `slm compare`'s own generate loop, one "
-    "process); timings on a shared machine are noisy.",
+    "process); timings on a shared machine are noisy. decode bytes/s = tok/s × the in-domain set's bytes per token: "
+    "text per second, comparable across tokenizers (the speed plot and front use it).",
     "† on the quality-vs-size Pareto front, ‡ on the quality-vs-speed front (no other model is at least as good on "
     "both axes and better on one).",
 ]
@@ -369,7 +377,7 @@ def compare(
         if seen[r["name"]] > 1:
             r["name"] = f"{r['name']}-{seen[r['name']]}"
     y_set = lm_sets[0]
-    for key, x_key, maxi in (("front_size", "params_total", False), ("front_speed", "decode_tok_s", True)):
+    for key, x_key, maxi in (("front_size", "params_total", False), ("front_speed", "decode_bytes_s", True)):
         flags = pareto_front([(r[x_key], r["bpb"].get(y_set)) for r in rows], maximize=(maxi, False))
         for r, f in zip(rows, flags, strict=True):
             r[key] = f
@@ -378,7 +386,8 @@ def compare(
     if _plot(rows, out / "size.png", x_key="params_total", x_label="parameters (log)", maximize_x=False,
              y_set=y_set, front_key="front_size", title="quality vs size"):
         plots.append("size.png")
-    if _plot(rows, out / "speed.png", x_key="decode_tok_s", x_label="decode tokens/s, batch 1 (log)", maximize_x=True,
+    if _plot(rows, out / "speed.png", x_key="decode_bytes_s", x_label="bytes of text generated/s, batch 1 (log)",
+             maximize_x=True,
              y_set=y_set, front_key="front_speed", title="quality vs speed"):
         plots.append("speed.png")
     result = {

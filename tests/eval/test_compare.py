@@ -80,6 +80,7 @@ def test_compare_reuses_eval_json_and_writes_the_report(tmp_path, monkeypatch):
     assert rows["moe"]["params_active"] == 1_500_000 and rows["tiny"]["train_time_s"] == 180.0
     assert rows["big"]["train_time_s"] is None and rows["big"]["tasks"]["mmlu"]["acc"] == 0.25
     assert rows["ng"]["bpb"] == {"shakespeare:val": 2.2, "shakespeare:folio": 2.8}
+    assert rows["ng"]["decode_bytes_s"] == pytest.approx(2 * rows["ng"]["decode_tok_s"])  # 20 bytes / 10 tokens
     assert res["pareto"] == {"size": ["ng", "tiny", "moe"], "speed": ["ng", "tiny", "moe"]}
     assert json.loads((out / "compare.json").read_text())["pareto"] == res["pareto"]
     md = (out / "report.md").read_text()
