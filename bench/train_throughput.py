@@ -28,14 +28,14 @@ OPT = dict(lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, beta2=
 BATCH = 12
 
 
-def run_slmkit(data: Path, steps: int, seed: int) -> tuple[float, float]:
+def run_slmkit(data: Path, steps: int, seed: int, precision: str = "fp32") -> tuple[float, float]:
     from slmkit import checkpoint
     from slmkit.config import ModelConfig, TrainConfig
     from slmkit.data import load_split
     from slmkit.eval.lm import lm_loss
     from slmkit.train import train
 
-    tc = TrainConfig(batch_size=BATCH, max_steps=steps, threads=2, precision="fp32", seed=seed, eval_batches=1,
+    tc = TrainConfig(batch_size=BATCH, max_steps=steps, threads=2, precision=precision, seed=seed, eval_batches=1,
                      eval_interval=10**9, ckpt_interval=10**9, **OPT)
     with tempfile.TemporaryDirectory() as tmp:
         res = train(data, Path(tmp) / "run", ModelConfig.preset("gpt-0.8m"), tc, progress=False)
@@ -63,14 +63,21 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     data = prepare_tiny_shakespeare_char()
-    runs = {"slmkit": [], "hf gelu_new (default)": [], "hf gelu (exact)": []}
+    from slmkit.runtime import cpu_has_fast_bf16
+
+    bf16 = cpu_has_fast_bf16()  # slmkit's default (precision=auto) on such a CPU; the peer stays a plain fp32 loop
+    runs = {"slmkit": [], **({"slmkit bf16 autocast": []} if bf16 else {}), "hf gelu_new (default)": [],
+            "hf gelu (exact)": []}
     for rep in range(args.repeats):
         runs["slmkit"].append(run_slmkit(data, args.steps, seed=rep))
+        if bf16:
+            runs["slmkit bf16 autocast"].append(run_slmkit(data, args.steps, seed=rep, precision="bf16"))
         runs["hf gelu_new (default)"].append(run_hf(data, args.steps, rep, "gelu_new"))
         runs["hf gelu (exact)"].append(run_hf(data, args.steps, rep, "gelu"))
         print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1][0]:,.0f} tok/s" for k, v in runs.items()), flush=True)
     ours = statistics.median([t for t, _ in runs["slmkit"]])
-    print(f"\n{args.steps} steps x batch {BATCH} x context 64, 2 threads, fp32, {args.repeats} repeats (medians)")
+    print(f"\n{args.steps} steps x batch {BATCH} x context 64, 2 threads, fp32 unless named, {args.repeats} repeats "
+          "(medians)")
     print(f"{'trainer':24s} {'tokens/s':>10s} {'val loss':>9s} {'slmkit ratio':>13s}")
     for name, results in runs.items():
         tps = statistics.median([t for t, _ in results])
