@@ -1,8 +1,9 @@
 """The fused decode step: one C call per generated token for dense transformers (kernels.c `slm_decode_step`).
 
 `FusedDecoder.for_model(model, cache)` returns None when the model is outside what the C step implements — attention
-other than full or sliding-window, MoE, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then
+other than full or sliding-window, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then
 decodes through PyTorch, which computes the same function (tests compare the two on every supported configuration).
+Dense and Mixture-of-Experts FFNs are both covered.
 Linear layers may be fp32 `nn.Linear` or int8/bf16 `QuantLinear` (slmkit.compress.quantize), mixed freely.
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from slmkit.infer import kernels
+from slmkit.model.ffn import MoE
 from slmkit.model.gpt import GPT, KVCache
 
 POS_KINDS = {"none": 0, "learned": 1, "sinusoidal": 1, "rope": 2}
@@ -43,7 +45,7 @@ class FusedDecoder:
         if not isinstance(model, GPT) or not kernels.available():
             return None
         cfg = model.config
-        if cfg.attention not in ("full", "local") or cfg.moe_experts or cfg.lowrank or cfg.pos not in POS_KINDS:
+        if cfg.attention not in ("full", "local") or cfg.lowrank or cfg.pos not in POS_KINDS:
             return None
         if model.tok_emb.weight.dtype != torch.float32 or cache.k[0].dtype != torch.float32 or cache.k[0].size(0) != 1:
             return None
@@ -51,19 +53,32 @@ class FusedDecoder:
         layers = (kernels.Layer * cfg.n_layer)()
         for i in range(cfg.n_layer):
             block = model.blocks[i % len(model.blocks)]
-            mats = [_linear(m) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
+            moe = block.mlp if isinstance(block.mlp, MoE) else None
+            ffn = [kernels.Mat(), kernels.Mat()] if moe else [_linear(block.mlp.fc), _linear(block.mlp.proj)]
+            mats = [_linear(block.attn.qkv), _linear(block.attn.proj), *ffn]
             if any(m is None for m in mats) or not all(c.is_contiguous() for c in (cache.k[i], cache.v[i])):
                 return None
             n1, n2 = block.norm1, block.norm2
             keep += [n1, n2]
             layers[i] = kernels.Layer(n1.weight.data_ptr(), _bias(n1), n2.weight.data_ptr(), _bias(n2), *mats,
                                       cache.k[i].data_ptr(), cache.v[i].data_ptr())
+            if moe is not None:
+                router = _linear(moe.router)
+                if router is None:
+                    return None
+                fc, down = _experts(moe)
+                keep += [fc, down]
+                layers[i].E, layers[i].k, layers[i].router = moe.E, moe.k, router
+                layers[i].efc, layers[i].edown = fc, down
         head = _linear(model.lm_head)
         if head is None:
             return None
         C, nh, nkv, hd, H = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden
+        E = cfg.moe_experts
         scratch = {name: torch.zeros(n) for name, n in (("x", C), ("xb", C), ("qkv", (nh + 2 * nkv) * hd), ("att", C),
-                                                         ("hb", 2 * H), ("scores", nh * cache.max_len))}
+                                                         ("hb", 2 * H), ("scores", nh * cache.max_len), ("eo", C),
+                                                         ("ew", max(1, 2 * E)))}
+        scratch["esel"] = torch.zeros(max(1, E), dtype=torch.int32)
         acts = kernels._Scratch(1, max(C, H))
         keep += [model, scratch, acts]
         pos_table = model.pos_emb.weight if model.pos_emb is not None else getattr(model, "pos_table", None)
@@ -75,6 +90,7 @@ class FusedDecoder:
             None if rotary is None else rotary.cos.data_ptr(), None if rotary is None else rotary.sin.data_ptr(),
             model.norm_f.weight.data_ptr(), _bias(model.norm_f), head, layers,
             *(scratch[n].data_ptr() for n in ("x", "xb", "qkv", "att", "hb", "scores")), acts.acts,
+            *(scratch[n].data_ptr() for n in ("eo", "ew", "esel")),
         )
         return cls(kernels._lib, model, cache, cm, layers, keep)  # type: ignore[arg-type]
 
@@ -83,6 +99,25 @@ class FusedDecoder:
             raise ValueError(f"position {pos} is outside the cache of {self.cache.max_len}")
         self._lib.slm_decode_step(ctypes.byref(self._cm), token, pos, self.logits.data_ptr(), torch.get_num_threads())
         return self.logits
+
+
+def _experts(moe: MoE) -> tuple[ctypes.Array, ctypes.Array]:
+    """C views of an MoE layer's experts. The stacked weights are (E, in, out) for `x @ fc[e]`; the kernels read rows
+    of (out, in), so each expert is transposed once and the copies cached on the module until its weights change."""
+    key = (moe.fc.data_ptr(), moe.fc._version, moe.proj.data_ptr(), moe.proj._version)
+    cached = getattr(moe, "_fused_experts", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            fc = [moe.fc[e].detach().T.contiguous().float() for e in range(moe.E)]
+            down = [moe.proj[e].detach().T.contiguous().float() for e in range(moe.E)]
+            fb = [None] * moe.E if moe.fc_bias is None else [b.detach().float().contiguous() for b in moe.fc_bias]
+            pb = [None] * moe.E if moe.proj_bias is None else [b.detach().float().contiguous() for b in moe.proj_bias]
+        tensors = (fc, down, fb, pb)
+        mats = ((kernels.Mat * moe.E)(*(kernels.mat(w, None, b) for w, b in zip(fc, fb, strict=True))),
+                (kernels.Mat * moe.E)(*(kernels.mat(w, None, b) for w, b in zip(down, pb, strict=True))))
+        cached = (key, tensors, mats)
+        object.__setattr__(moe, "_fused_experts", cached)  # a plain attribute: not a buffer, never saved
+    return cached[2]
 
 
 def _bias(norm: nn.Module) -> int | None:

@@ -87,6 +87,8 @@ CONFIGS = {
     "nopos-shared-mlp": dict(pos="none", norm="rmsnorm", mlp="swiglu", share_mlp=True),
     "shared-blocks": dict(pos="rope", norm="rmsnorm", mlp="swiglu", share_blocks=2),
     "local-window": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="local", attn_window=4),
+    "moe-top2": dict(pos="rope", norm="rmsnorm", mlp="swiglu", moe_experts=4, moe_top_k=2),
+    "moe-top1-gelu-bias": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, moe_experts=3, moe_top_k=1),
 }
 
 
@@ -143,9 +145,21 @@ def test_generate_fast_and_pytorch_paths_give_the_same_tokens():
 
 def test_unsupported_models_fall_back():
     cache_of = lambda m: m.new_cache(1, 16)  # noqa: E731
-    for kw in (dict(attention="linear"), dict(moe_experts=4, moe_top_k=2), dict(lowrank=8)):
+    for kw in (dict(attention="linear"), dict(lowrank=8)):
         model = _model(pos="rope", **kw)
         assert FusedDecoder.for_model(model, cache_of(model)) is None
         assert len(list(generate(model, [1, 2], SamplingParams(max_new_tokens=5, temperature=0.0)))) == 5
     model = _model(pos="rope")
     assert FusedDecoder.for_model(model, model.new_cache(2, 16)) is None  # batch 2
+
+
+def test_moe_expert_copies_follow_weight_updates():
+    model = _model(**CONFIGS["moe-top2"])
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(2))
+    _fused_logits(model, ids, 5)  # caches the transposed experts
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.fc.mul_(-1.5)  # in place: same storage, new version
+    with torch.inference_mode():
+        want = model(ids)[0][0, 5:]
+    torch.testing.assert_close(_fused_logits(model, ids, 5), want, rtol=1e-4, atol=1e-4)

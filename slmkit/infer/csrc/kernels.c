@@ -165,14 +165,17 @@ void slm_matmul(const Mat* A, const float* x, int M, float* y, Acts* acts, int n
 /* ---------------------------------------------------------------------------------------------------------------
  * One decode step of a dense pre-norm transformer (slmkit.model.GPT with full attention): GPT-2 style (learned or
  * sinusoidal positions, LayerNorm, GELU) or Llama style (RoPE, RMSNorm, SwiGLU, GQA), full or sliding-window
- * attention, batch 1.
+ * attention, dense or Mixture-of-Experts FFN, batch 1.
  */
 enum { POS_NONE = 0, POS_TABLE = 1, POS_ROPE = 2 };
 
 typedef struct {
   const float *n1w, *n1b, *n2w, *n2b;
-  Mat qkv, proj, fc, down;
+  Mat qkv, proj, fc, down; /* fc/down: the dense FFN (unused when E > 0) */
   float *kc, *vc; /* this layer's cache, (nkv, max_len, hd) */
+  int E, k;       /* Mixture-of-Experts FFN: E experts, k per token; 0 = dense */
+  Mat router;
+  const Mat *efc, *edown; /* E expert matrices each, laid out like fc/down */
 } Layer;
 
 typedef struct {
@@ -185,6 +188,8 @@ typedef struct {
   /* scratch */
   float *x, *xb, *qkv, *att, *hb, *scores; /* C, C, (nh + 2 nkv) hd, C, 2H, nh * max_len */
   Acts acts;
+  float *eo, *ew; /* MoE: one expert's output (C); router probabilities then the k gates (E + k) */
+  int* esel;      /* MoE: the k chosen experts */
 } Model;
 
 static void norm(const Model* m, const float* x, const float* w, const float* b, float* out) {
@@ -243,9 +248,34 @@ static void attend(const Model* m, const Layer* L, int h, int pos) {
 static inline float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
+static void activate(const Model* m, float* h) { /* SwiGLU: silu(gate) * up, gate = first half; else GELU */
+  if (m->swiglu) for (int i = 0; i < m->H; i++) h[i] = silu(h[i]) * h[m->H + i];
+  else for (int i = 0; i < m->H; i++) h[i] = gelu(h[i]);
+}
+
+/* Router logits (E) -> softmax probabilities, the top-k experts in `sel` (highest first) and their gates after the
+   probabilities: k = 1 keeps the probability itself, k > 1 renormalises the k to sum to 1 (slmkit.model.ffn.MoE). */
+static void route(const Layer* L, float* p, int* sel) {
+  float mx = -INFINITY, sum = 0.f, top = 0.f;
+  for (int e = 0; e < L->E; e++) mx = fmaxf(mx, p[e]);
+  for (int e = 0; e < L->E; e++) { p[e] = expf(p[e] - mx); sum += p[e]; }
+  for (int e = 0; e < L->E; e++) p[e] /= sum;
+  for (int j = 0; j < L->k; j++) {
+    int best = -1;
+    for (int e = 0; e < L->E; e++) {
+      int taken = 0;
+      for (int i = 0; i < j; i++) taken |= sel[i] == e;
+      if (!taken && (best < 0 || p[e] > p[best])) best = e;
+    }
+    sel[j] = best;
+    top += p[best];
+  }
+  for (int j = 0; j < L->k; j++) p[L->E + j] = L->k == 1 ? p[sel[j]] : p[sel[j]] / top;
+}
+
 /* logits (V,) of the token after `token` at position `pos`; writes this position's keys/values into the cache. */
 void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) {
-  const int C = m->C, hd = m->hd, H = m->H;
+  const int C = m->C, hd = m->hd;
   memcpy(m->x, m->emb + (size_t)token * C, C * sizeof(float));
   if (m->pos_kind == POS_TABLE)
     for (int i = 0; i < C; i++) m->x[i] += m->pos_table[(size_t)pos * C + i];
@@ -277,18 +307,29 @@ void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) 
         for (int i = 0; i < C; i++) m->x[i] += m->xb[i];
         norm(m, m->x, L->n2w, L->n2b, m->xb);
       }
-      matmul(&L->fc, m->xb, 1, m->hb, &m->acts);
-      #pragma omp single
-      {
-        if (m->swiglu) for (int i = 0; i < H; i++) m->hb[i] = silu(m->hb[i]) * m->hb[H + i];
-        else for (int i = 0; i < H; i++) m->hb[i] = gelu(m->hb[i]);
+      if (L->E == 0) {
+        matmul(&L->fc, m->xb, 1, m->hb, &m->acts);
+        #pragma omp single
+        activate(m, m->hb);
+        matmul(&L->down, m->hb, 1, m->eo, &m->acts);
+        #pragma omp single
+        for (int i = 0; i < C; i++) m->x[i] += m->eo[i];
+      } else {
+        matmul(&L->router, m->xb, 1, m->ew, &m->acts);
+        #pragma omp single
+        route(L, m->ew, m->esel);
+        for (int j = 0; j < L->k; j++) { /* every thread walks the same k experts, in step */
+          const int e = m->esel[j];
+          matmul(&L->efc[e], m->xb, 1, m->hb, &m->acts);
+          #pragma omp single
+          activate(m, m->hb);
+          matmul(&L->edown[e], m->hb, 1, m->eo, &m->acts);
+          #pragma omp single
+          for (int i = 0; i < C; i++) m->x[i] += m->ew[L->E + j] * m->eo[i];
+        }
       }
-      matmul(&L->down, m->hb, 1, m->xb, &m->acts);
       #pragma omp single
-      {
-        for (int i = 0; i < C; i++) m->x[i] += m->xb[i];
-        if (l == m->n_layer - 1) norm(m, m->x, m->nfw, m->nfb, m->xb);
-      }
+      if (l == m->n_layer - 1) norm(m, m->x, m->nfw, m->nfb, m->xb);
     }
     matmul(&m->head, m->xb, 1, logits, &m->acts);
   }
