@@ -38,10 +38,10 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
 
 
 def _print_data_summary(out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from slmkit.data import load_meta
+    from slmkit.runtime import console
 
     meta = load_meta(out)
     table = Table(title=f"{out}  ({meta['tokenizer']['spec']}, vocab {meta['tokenizer']['vocab_size']:,})")
@@ -49,7 +49,7 @@ def _print_data_summary(out: Path) -> None:
         table.add_column(col, justify="right")
     for name, s in meta["splits"].items():
         table.add_row(name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes']:,}", f"{s['bytes_per_token']:.3f}")
-    Console().print(table)
+    console().print(table)
 
 
 def cmd_data_corpora(a: argparse.Namespace) -> None:
@@ -153,10 +153,9 @@ def cmd_import(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from rich.console import Console
-
     from slmkit.eval import evaluate, metrics_table
     from slmkit.fsutil import write_json
+    from slmkit.runtime import console
 
     lm = a.lm if a.lm is not None else ([] if a.task else ["shakespeare:val"])
     metrics = evaluate(a.run, lm=lm, tasks=a.task or [], shots=a.shots, limit=a.limit, efficiency=a.efficiency,
@@ -164,7 +163,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
                        max_bytes=a.max_bytes, weights=a.weights)
     out = Path(a.out) if a.out else Path(a.run) / "eval.json"
     write_json(out, metrics)
-    Console().print(metrics_table(metrics))
+    console().print(metrics_table(metrics))
     print(f"wrote {out}")
 
 
@@ -186,11 +185,11 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from slmkit.config import PRESETS, ModelConfig
     from slmkit.model import GPT
+    from slmkit.runtime import console
 
     table = Table(title=f"model presets (params at vocab {a.vocab_size:,}; byte-* presets at their 259)")
     for col in ("preset", "pos/norm/mlp", "variant", "L", "d", "h/kv", "ctx", "params", "active", "non-emb",
@@ -205,7 +204,7 @@ def cmd_presets(a: argparse.Namespace) -> None:
                       f"{cfg.n_head}/{cfg.n_kv_head}", str(cfg.block_size), f"{m.num_params() / 1e6:.2f}M",
                       f"{m.num_params(active=True) / 1e6:.2f}M", f"{m.num_params(non_embedding=True) / 1e6:.2f}M",
                       f"{m.flops_per_token() / 1e6:.1f}")
-    Console().print(table)
+    console().print(table)
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:

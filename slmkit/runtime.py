@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,3 +47,12 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def console(stderr: bool = False) -> Any:
+    """A rich Console for tables: the terminal's width on a terminal; 200 columns when piped or logged (rich's default
+    of 80 there truncates wide tables such as `slm presets` and `slm compare` into unreadable "…" cells)."""
+    from rich.console import Console
+
+    c = Console(stderr=stderr)
+    return c if c.is_terminal or os.environ.get("COLUMNS") else Console(stderr=stderr, width=200)

@@ -414,8 +414,9 @@ def compare(
 
 def print_table(result: dict[str, Any]) -> None:
     """The compare table on the terminal."""
-    from rich.console import Console
     from rich.table import Table
+
+    from slmkit.runtime import console
 
     head, body = _table(result["rows"], result["lm_sets"], result["tasks"])
     table = Table(title="slm compare († size front, ‡ speed front)")
@@ -423,7 +424,7 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_column(h, justify="left" if i < 2 else "right")
     for row in body:
         table.add_row(*row)
-    Console().print(table)
+    console().print(table)
 
 
 # --- the spectrum recipe ---------------------------------------------------------------------------------------------
