@@ -105,33 +105,46 @@ def load(path: str | Path) -> Checkpoint:
     """Load a checkpoint (or a run's latest) for inference. Never unpickles: safetensors + JSON only."""
     ckpt = resolve(path)
     cfg = ModelConfig.load(ckpt / "config.json")
-    # built on the meta device and given the file's tensors (assign): no random init, and the weights are in memory
-    # once — loading a 135M model peaks at its size, not twice it
-    with torch.device("meta"):
-        model = GPT(cfg)
-    load_weights(model, ckpt / "model.safetensors", assign=True)
-    model.build_buffers()
-    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if empty:
-        raise SlmError(f"{ckpt}: model.safetensors does not fill the model ({', '.join(empty[:3])} missing)")
+    model = model_from_state_dict(cfg, _read_weights(ckpt / "model.safetensors"), f"{ckpt}/model.safetensors")
     model.eval()
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return Checkpoint(ckpt, model, tokenizer, read_json(ckpt / "meta.json"))
 
 
-def load_weights(model: GPT, file: Path, *, assign: bool = False) -> None:
-    """Load `file` into `model`, strictly (a tied head may be absent). assign=True adopts the file's tensors instead
-    of copying into the model's (for a model built on the meta device)."""
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], origin: str) -> GPT:
+    """A GPT of `cfg` holding exactly the tensors of `sd` (a tied head may be absent), adopted rather than copied: the
+    model is built on the meta device, so there is no random init and a 135M model's load peaks at its size, not twice
+    it. Derived buffers (RoPE tables, sinusoidal positions) are computed afterwards."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    _fill(model, sd, origin, assign=True)
+    model.build_buffers()
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise SlmError(f"{origin} does not fill the model ({', '.join(empty[:3])} missing)")
+    return model
+
+
+def load_weights(model: GPT, file: Path) -> None:
+    """Copy the weights of `file` into `model` (same config; resume), strictly."""
+    _fill(model, _read_weights(file), str(file), assign=False)
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
-        sd = load_file(str(file))
+        return load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise SlmError(f"cannot read weights {file}: {e} — the file is truncated or corrupt; "
                        f"use an earlier checkpoint of the run") from None
+
+
+def _fill(model: GPT, sd: dict[str, torch.Tensor], origin: str, *, assign: bool) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
     tied = model.config.tie_embeddings
     missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if missing or unexpected:
-        raise SlmError(f"weights {file} do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise SlmError(f"weights {origin} do not match the model config: missing {missing[:3]}, "
+                       f"unexpected {unexpected[:3]}")
     if assign and tied:  # assign replaced tok_emb.weight: tie the head to the new tensor again
         model.lm_head.weight = model.tok_emb.weight
 

@@ -70,10 +70,9 @@ def quantize(model: nn.Module, dtype: WeightDtype = "int8") -> nn.Module:
         raise SlmError(f"weight dtype {dtype!r} is not supported; use fp32, bf16 or int8")
     if dtype == "fp32":
         return model
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(mod, child_name, QuantLinear.from_linear(child, dtype))
-        del name
     model.eval().requires_grad_(False)
     return model

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from slmkit.data.corpora import BUILTIN_CORPORA, Document, iter_documents, source_files, split_documents
 from slmkit.errors import SlmError
-from slmkit.fsutil import atomic_dir, write_json
+from slmkit.fsutil import atomic_dir, sha256_file, write_json
 from slmkit.tokenizer import Tokenizer
 
 FORMAT = "slmkit-shards/1"
@@ -141,7 +141,7 @@ def prepare(
             "seed": seed,
             "val_fraction": val_fraction,
             "splits": splits,
-            "sources": [{"path": str(p), "sha256": _file_sha256(p)} for p in files],
+            "sources": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
             "versions": {v: importlib.metadata.version(v) for v in ("slmkit", "tokenizers", "numpy")},
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         })
@@ -202,14 +202,6 @@ class _SplitWriter:
             "bytes_per_token": self.bytes / self.tokens if self.tokens else 0.0,
             "sha256": self.sha.hexdigest(),
         }
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:

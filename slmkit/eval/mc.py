@@ -40,6 +40,7 @@ import yaml
 
 from slmkit.errors import SlmError
 from slmkit.eval.lm import Scorer
+from slmkit.fsutil import sha256_file
 
 TASK_DIR = Path(__file__).parent / "tasks"
 FEWSHOT_POLICIES = {
@@ -352,14 +353,6 @@ def run_task(
             "strip": list(spec.strip), "skip_if": spec.skip_if, "group": spec.group,
             "scoring": SCORING, "tokenization": TOKENIZATION, "example": s.example,
             "task_file": str(spec.file), "task_sha256": spec.sha256,
-            "data_file": str(data_path), "data_sha256": _sha256(data_path),
+            "data_file": str(data_path), "data_sha256": sha256_file(data_path),
         },
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

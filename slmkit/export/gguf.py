@@ -13,7 +13,6 @@ Two layout facts matter:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
+from slmkit.fsutil import sha256_file
 from slmkit.tokenizer import Tokenizer
 
 # llama.cpp pre-tokenizer names → the regex split they apply before byte-level BPE (llama-vocab.cpp).
@@ -200,7 +200,6 @@ def save_imported(
 ) -> Path:
     """Check that `sd` fits `cfg` exactly, then write it as a checkpoint directory at `out` (atomically)."""
     from slmkit import checkpoint
-    from slmkit.model import GPT
     from slmkit.versions import versions
 
     out = Path(out)
@@ -208,14 +207,7 @@ def save_imported(
         raise SlmError(f"{out} already exists; choose another --out or pass --overwrite")
     if tok.vocab_size > cfg.vocab_size:
         raise SlmError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
-    with torch.device("meta"):  # shapes only: no time spent on a random init that is overwritten anyway
-        model = GPT(cfg)
-    model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_embeddings:  # assign=True replaced tok_emb.weight: tie the head to the new tensor again
-        model.lm_head.weight = model.tok_emb.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise SlmError(f"imported weights do not fill the model: missing {missing[:3]}")
+    model = checkpoint.model_from_state_dict(cfg, sd, f"imported from {source.get('source')}")
     meta = {"model_class": "imported", "imported": source, "params": model.num_params(), "versions": versions()}
     return checkpoint.save(out, model, tok, meta)
 
@@ -257,11 +249,7 @@ def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -
     tok = tokenizer_from_gguf(meta, path)
     ts, kinds = _tensors(reader, path)
     sd = _state_dict(ts, cfg, path)
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    source = {"format": "gguf", "source": str(path.resolve()), "sha256": digest.hexdigest(),
+    source = {"format": "gguf", "source": str(path.resolve()), "sha256": sha256_file(path),
               "architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
               "tensor_types": dict(kinds)}
     return save_imported(out, cfg, sd, tok, source, overwrite=overwrite)

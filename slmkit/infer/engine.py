@@ -75,8 +75,8 @@ def generate(
     """Yield new token ids one at a time (streaming). Stops at max_new_tokens or after yielding a stop id.
 
     When the context fills up, the oldest tokens are dropped: the cache is rebuilt from the newest 3/4 of the context
-    (one prefill every block_size/4 tokens instead of one per token). After the prompt, dense models decode through the
-    fused C step (slmkit/infer/fused.py); `fast=False` keeps every step in PyTorch.
+    (one prefill every block_size/4 tokens instead of one per token). After the prompt, the models fused.py covers
+    decode through its C step; `fast=False` keeps every step in PyTorch.
     """
     p = params or SamplingParams()
     if not prompt:
