@@ -66,9 +66,10 @@ class HFGPT2(torch.nn.Module):
 
 def hf_train_loop(model: HFGPT2, tokens: np.ndarray, *, steps: int, batch_size: int, block_size: int, lr: float,
                   warmup_steps: int, min_lr_ratio: float, weight_decay: float, beta2: float, seed: int,
-                  decay_steps: int | None = None, on_step=None) -> float:
+                  decay_steps: int | None = None, on_step=None, bf16: bool = False) -> float:
     """The peer: a plain PyTorch loop over transformers' model + torch.optim.AdamW, same batches and schedule as
-    slmkit's trainer. Returns seconds spent in training steps (batch assembly and `on_step` excluded)."""
+    slmkit's trainer (bf16: forward under CPU bf16 autocast). Returns seconds spent in training steps (batch assembly
+    and `on_step` excluded)."""
     from slmkit.config import TrainConfig
     from slmkit.train.loop import Batcher
     from slmkit.train.optim import lr_at
@@ -84,7 +85,8 @@ def hf_train_loop(model: HFGPT2, tokens: np.ndarray, *, steps: int, batch_size: 
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(sched, step, step / decay_steps)
-        _, loss = model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -31,7 +31,7 @@ from bench.common import HFGPT2, hf_train_loop, prepare_tiny_shakespeare_char
 
 # fp32 on every CPU: at d=128 and 1,024 tokens per step bf16 autocast is slower even with native bf16 (its casts cost
 # more than the small matmuls gain; docs/benchmarks.md)
-RECIPE = dict(batch_size=16, lr=6e-3, warmup_steps=20, min_lr_ratio=0.1, schedule="cosine", precision="fp32")
+RECIPE = dict(batch_size=16, lr=6e-3, warmup_steps=20, min_lr_ratio=0.1, schedule="cosine", precision="auto")
 
 
 def run_slmkit(data: Path, budget: float) -> tuple[float, float, int]:

@@ -25,7 +25,7 @@ from slmkit.errors import SlmError
 Norm = Literal["layernorm", "rmsnorm"]
 Mlp = Literal["gelu", "swiglu"]
 Pos = Literal["learned", "sinusoidal", "rope", "none"]
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["adamw", "sgd", "muon"]
 Schedule = Literal["cosine", "wsd", "constant"]
 Precision = Literal["auto", "bf16", "fp32"]
 AttentionKind = Literal["full", "local", "blocksparse", "linear", "lsh"]
@@ -288,6 +288,7 @@ class TrainConfig(_Serializable):
     beta1: float = 0.9
     beta2: float = 0.99
     momentum: float = 0.9  # sgd only
+    muon_lr: float = 0.05  # muon only: lr of the hidden matrices (Muon); embeddings, head, norms use lr (AdamW)
     grad_clip: float = 1.0  # 0 disables
     schedule: Schedule = "cosine"
     warmup_steps: int = 50
@@ -312,6 +313,7 @@ class TrainConfig(_Serializable):
             _check_choice(self, name, kind)
         self.max_time = parse_duration(self.max_time)
         _check(self.lr > 0, f"TrainConfig.lr={self.lr} must be positive (typical: 1e-3 to 6e-3 for small models)")
+        _check(self.muon_lr > 0, f"TrainConfig.muon_lr={self.muon_lr} must be positive (typical: 0.02 to 0.05)")
         _check(0 <= self.min_lr_ratio <= 1, f"TrainConfig.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.weight_decay >= 0, f"TrainConfig.weight_decay={self.weight_decay} must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "TrainConfig.beta1/beta2 must be in [0, 1)")

@@ -41,6 +41,32 @@ def project_qkv(m: nn.Module, x: Tensor, pos: int) -> tuple[Tensor, Tensor, Tens
     return q, k, v
 
 
+# bf16 sequences up to this length take the explicit path (scores as one batched matmul, fp32 softmax): SDPA's CPU
+# flash kernel tiles its bf16 backward badly at small T. Forward + backward on 2 cores (docs/benchmarks.md): T=64 hd=32
+# 1.12 ms explicit vs 6.62 ms SDPA, T=256 7.9 vs 13.2 ms, T=512 hd=64 39.8 vs 47.4 ms; T=1024 SDPA wins. fp32 keeps
+# SDPA at every length (explicit was 1.25x faster at T=64 on an AMD EPYC but 1.8x slower on an Intel Xeon).
+EXPLICIT_MAX_T = {torch.bfloat16: 512}
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Causal self-attention over a fresh sequence. q (B, nh, T, hd), k/v (B, nkv, T, hd) → (B, nh, T, hd).
+
+    Short bf16 sequences take the explicit path (what bf16 training at small contexts runs); everything else SDPA.
+    """
+    n = q.size(2)
+    if q.device.type != "cpu" or n > EXPLICIT_MAX_T.get(q.dtype, 0):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1),
+                                              dropout_p=dropout_p)
+    k, v = _expand_kv(k, q.size(1)), _expand_kv(v, q.size(1))
+    future = torch.full((n, n), float("-inf"), device=q.device).triu(1)  # -inf on the keys a query may not see
+    # one op scales, masks and widens to fp32 (bf16 scores + fp32 mask → fp32): cheaper than masked_fill + casts
+    scores = torch.add(future, q @ k.transpose(-2, -1), alpha=q.size(-1) ** -0.5)  # (B, nh, T, T)
+    p = scores.softmax(dim=-1).to(v.dtype)
+    if dropout_p:
+        p = F.dropout(p, dropout_p)
+    return p @ v
+
+
 def _store(cache: Any, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Write this call's keys/values at the cache position; return all cached keys/values (B, nkv, S, hd)."""
     B, pos, T = k.size(0), cache.pos, k.size(2)
@@ -128,7 +154,7 @@ class LocalAttention(_MaskedAttention):
         B, nh, T, hd = q.shape
         w, p = self.window, self.dropout if self.training else 0.0
         if w >= T:  # the window covers the whole sequence: plain causal attention
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != nh, dropout_p=p)
+            return causal_attention(q, k, v, p)
         n = math.ceil(T / w)
         qc = _pad_to(q, w).view(B, nh, n, w, hd).transpose(1, 2)  # (B, n, nh, w, hd)
         kc = _windows(_pad_to(k, w), w).transpose(1, 2)  # (B, n, nkv, 2w, hd)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmkit.config import ModelConfig
-from slmkit.model.attention import ATTENTION_KINDS, project_qkv
+from slmkit.model.attention import ATTENTION_KINDS, causal_attention, project_qkv
 from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -104,19 +104,16 @@ class Attention(nn.Module):
         B, T, C = x.shape
         pos = cache.pos if cache is not None else 0
         q, k, v = project_qkv(self, x, pos)
-        mask, causal = None, True
         if cache is not None:
             cache.k[layer][:B, :, pos : pos + T] = k
             cache.v[layer][:B, :, pos : pos + T] = v
+        if pos == 0:  # a fresh sequence: training, evaluation, the first prefill
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        else:
             k, v = cache.k[layer][:B, :, : pos + T], cache.v[layer][:B, :, : pos + T]  # (B, nkv, S, hd)
-            if pos > 0:
-                causal = False
-                if T > 1:  # a chunk after a prefix: row i sees the prefix and chunk tokens <= i
-                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1, enable_gqa=self.nkv != self.nh,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, nh, T, hd)
+            # a chunk after a prefix: row i sees the prefix and chunk tokens <= i (one decoded token sees all)
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos) if T > 1 else None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -285,11 +282,19 @@ class GPT(nn.Module):
                 "aux": float(sum(c.aux.detach() for c in self._moe_calls)) / len(self._moe_calls)}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices; never decay norms, biases or (tied) embeddings' duplicates."""
-        decay, no_decay = [], []
-        for p in self.parameters():  # parameters() yields a tied weight once
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """Parameters by kind, for optimizers that treat them differently (each once, a tied weight included):
+        matrix — 2-D weights inside the blocks (what Muon orthogonalizes), decayed; embedding — token/position tables,
+        an untied head, MoE expert stacks and routers, decayed; vector — norms and biases, never decayed."""
+        groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embedding": [], "vector": []}
+        for name, p in self.named_parameters():  # yields a tied weight once
+            if p.dim() < 2:
+                groups["vector"].append(p)
+            elif p.dim() == 2 and name.startswith(("blocks.", "shared_mlp.")) and ".router." not in name:
+                groups["matrix"].append(p)
+            else:
+                groups["embedding"].append(p)
+        return [{"params": ps, "weight_decay": 0.0 if kind == "vector" else weight_decay, "kind": kind}
+                for kind, ps in groups.items() if ps]
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         dtype = dtype or self.tok_emb.weight.dtype

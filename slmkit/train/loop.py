@@ -32,7 +32,7 @@ from slmkit.eval.lm import bits_per_byte, lm_loss
 from slmkit.fsutil import write_json
 from slmkit.model import GPT
 from slmkit.runtime import autocast, resolve_precision, set_threads
-from slmkit.train.optim import build_optimizer, lr_at
+from slmkit.train.optim import build_optimizer, lr_at, set_lr
 from slmkit.train.report import plot_metrics
 from slmkit.versions import versions
 
@@ -272,8 +272,7 @@ def train(
 
             t0 = time.perf_counter()
             lr = lr_at(tc, step, progress_of(step, train_time))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, tc, lr)
             for _ in range(tc.grad_accum):
                 x, y = batcher.next()
                 with autocast(precision):

@@ -11,7 +11,14 @@ from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.infer import SamplingParams, generate
 from slmkit.model import GPT
-from slmkit.model.attention import BlockSparseAttention, LinearAttention, LocalAttention, LSHAttention
+from slmkit.model.attention import (
+    EXPLICIT_MAX_T,
+    BlockSparseAttention,
+    LinearAttention,
+    LocalAttention,
+    LSHAttention,
+    causal_attention,
+)
 
 KINDS = ["full", "local", "blocksparse", "linear", "lsh"]
 SMALL = dict(attn_window=8, attn_block=8, attn_global=2, attn_summary=1, linear_features=16, lsh_buckets=4)
@@ -186,3 +193,31 @@ def test_window_fields_are_ignored_by_full_attention():
 def test_loss_decreases(kind, short_training):
     first, last = short_training(attention=kind, **SMALL)
     assert last < first - 0.7, (first, last)
+
+
+@pytest.mark.parametrize("nkv", [4, 2])
+@pytest.mark.parametrize("T", [1, 17, 64, EXPLICIT_MAX_T[torch.bfloat16] + 8])
+def test_causal_attention_paths_agree(T, nkv):
+    """bf16 causal attention (the explicit path up to EXPLICIT_MAX_T tokens, SDPA above) matches fp32 SDPA in value and
+    in the gradients of q, k and v, with grouped-query attention too."""
+    torch.manual_seed(0)
+    q32 = torch.randn(2, 4, T, 16, requires_grad=True)
+    k32, v32 = (torch.randn(2, nkv, T, 16, requires_grad=True) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q32, k32, v32, is_causal=True, enable_gqa=nkv != 4)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g)
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q32, k32, v32))
+    out = causal_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    grads = torch.autograd.grad(out, (q, k, v), g.bfloat16())
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(causal_attention(q32, k32, v32), ref, atol=0, rtol=0)  # fp32 is SDPA itself
+
+
+def test_causal_attention_dropout_only_in_training_path():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4).bfloat16() for _ in range(3))
+    assert causal_attention(q, k, v, 0.0).equal(causal_attention(q, k, v, 0.0))
+    assert not causal_attention(q, k, v, 0.5).equal(causal_attention(q, k, v, 0.0))
