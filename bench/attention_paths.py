@@ -2,8 +2,8 @@
 
 Forward + backward of the attention core alone (q, k, v → output; no projections) at shapes the presets train with,
 fp32 and bf16, 2 threads (--threads). `explicit` is what `causal_attention` runs for bf16 up to EXPLICIT_MAX_T tokens
-(scores as one batched matmul, fp32 softmax); `sdpa` is `F.scaled_dot_product_attention(is_causal=True)`. The numbers
-set EXPLICIT_MAX_T. Runs are interleaved and the median of --repeats rounds is printed.
+(scores materialised by one baddbmm, softmax over them); `sdpa` is `F.scaled_dot_product_attention(is_causal=True)`.
+The numbers set EXPLICIT_MAX_T. Runs are interleaved and the median of --repeats rounds is printed.
 
     python bench/attention_paths.py [--repeats 5] [--threads 2]
 """
@@ -20,16 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from slmkit.model.attention import explicit_causal_attention as explicit
 
 SHAPES = [(12, 4, 64, 32), (8, 4, 256, 32), (8, 6, 256, 64), (4, 6, 512, 64), (2, 6, 1024, 64)]  # (B, heads, T, hd)
-
-
-def explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The explicit path with no length/dtype dispatch (causal_attention picks it only where it wins)."""
-    n = q.size(2)
-    future = torch.full((n, n), float("-inf")).triu(1)
-    scores = torch.add(future, q @ k.transpose(-2, -1), alpha=q.size(-1) ** -0.5)
-    return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -41,10 +41,11 @@ def project_qkv(m: nn.Module, x: Tensor, pos: int) -> tuple[Tensor, Tensor, Tens
     return q, k, v
 
 
-# bf16 sequences up to this length take the explicit path (scores as one batched matmul, fp32 softmax): SDPA's CPU
-# flash kernel tiles its bf16 backward badly at small T. Forward + backward on 2 cores (docs/benchmarks.md): T=64 hd=32
-# 1.12 ms explicit vs 6.62 ms SDPA, T=256 7.9 vs 13.2 ms, T=512 hd=64 39.8 vs 47.4 ms; T=1024 SDPA wins. fp32 keeps
-# SDPA at every length (explicit was 1.25x faster at T=64 on an AMD EPYC but 1.8x slower on an Intel Xeon).
+# bf16 sequences up to this length take the explicit path (the T×T scores materialised): SDPA's CPU flash kernel tiles
+# its bf16 backward badly. Forward + backward on 2 cores (bench/attention_paths.py, docs/benchmarks.md): T=64 hd=32
+# 1.7 ms explicit vs 7.2 ms SDPA, T=256 6.5 vs 17.8, T=512 hd=64 27 vs 57. Explicit still wins at T=1024 but its
+# scores then cost B·heads·T² memory per layer (100 MB at batch 8 × 6 heads), so longer sequences keep SDPA. fp32
+# keeps SDPA at every length (explicit: 1.2x faster at T=64, slower from T=256; 1.8x slower at T=64 on an Intel Xeon).
 EXPLICIT_MAX_T = {torch.bfloat16: 512}
 
 
@@ -53,18 +54,22 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
 
     Short bf16 sequences take the explicit path (what bf16 training at small contexts runs); everything else SDPA.
     """
-    n = q.size(2)
-    if q.device.type != "cpu" or n > EXPLICIT_MAX_T.get(q.dtype, 0):
+    if q.device.type != "cpu" or q.size(2) > EXPLICIT_MAX_T.get(q.dtype, 0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1),
                                               dropout_p=dropout_p)
-    k, v = _expand_kv(k, q.size(1)), _expand_kv(v, q.size(1))
-    future = torch.full((n, n), float("-inf"), device=q.device).triu(1)  # -inf on the keys a query may not see
-    # one op scales, masks and widens to fp32 (bf16 scores + fp32 mask → fp32): cheaper than masked_fill + casts
-    scores = torch.add(future, q @ k.transpose(-2, -1), alpha=q.size(-1) ** -0.5)  # (B, nh, T, T)
-    p = scores.softmax(dim=-1).to(v.dtype)
-    if dropout_p:
-        p = F.dropout(p, dropout_p)
-    return p @ v
+    return explicit_causal_attention(q, k, v, dropout_p)
+
+
+def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention with the (T, T) scores materialised: q (B, nh, T, hd), k/v (B, nkv, T, hd) → (B, nh, T, hd)."""
+    B, nh, n, hd = q.shape
+    k, v = _expand_kv(k, nh).reshape(B * nh, n, hd), _expand_kv(v, nh).reshape(B * nh, n, hd)
+    future = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # keys a query may not see
+    # scale, mask and QKᵀ in one baddbmm; softmax reads bf16 and accumulates in fp32 (fewer passes over the T×T
+    # scores than an fp32 copy + masked_fill + softmax: 1.15 vs 1.75 ms per layer at T=64, same error vs fp32 SDPA)
+    scores = torch.baddbmm(future.expand(B * nh, n, n), q.reshape(B * nh, n, hd), k.mT, alpha=hd**-0.5)
+    p = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
+    return (p @ v).view(B, nh, n, hd)
 
 
 def _store(cache: Any, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
