@@ -21,8 +21,9 @@ from slmkit.train import train
 
 PROMPTS = ("ROMEO:", "KING HENRY:\nWhat", "To be, or not to be")
 # A minutes-long run wants a high lr and a short warmup; preset choice measured in docs/benchmarks.md (quickstart).
-QUICKSTART_TRAIN = dict(lr=3e-3, warmup_steps=30, batch_size=16, eval_interval=100, eval_batches=10,
-                        ckpt_interval=200, schedule="cosine", min_lr_ratio=0.05)
+# Muon on the hidden matrices: 2.25 vs 2.48 val bpb for AdamW after 90 s of the same preset (docs/benchmarks.md).
+QUICKSTART_TRAIN = dict(optimizer="muon", muon_lr=0.05, lr=3e-3, warmup_steps=30, batch_size=16, eval_interval=100,
+                        eval_batches=10, ckpt_interval=200, schedule="cosine", min_lr_ratio=0.05)
 
 
 def quickstart(
