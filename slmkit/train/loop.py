@@ -159,7 +159,11 @@ def train(
         run_meta = checkpoint.read_json(out / "meta.json")
         data = Path(run_meta["data"])
         model_config = ModelConfig.from_dict(run_meta["model"])
-        train_config = train_config or TrainConfig.from_dict(run_meta["train"])
+        saved = TrainConfig.from_dict(run_meta["train"])
+        train_config = train_config or saved
+        if train_config.optimizer != saved.optimizer:
+            raise SlmError(f"{out} trained with --optimizer {saved.optimizer}; its optimizer state cannot continue as "
+                           f"{train_config.optimizer}. Resume with --optimizer {saved.optimizer}, or start a new run")
         ckpts = checkpoint.list_checkpoints(out)
         resume_from = ckpts[-1] if ckpts else None
     else:

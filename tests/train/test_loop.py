@@ -94,6 +94,12 @@ def test_bad_runs(tiny_data, tmp_path):
     assert not (tmp_path / "r").exists()  # nothing half-written for a run that never started
 
 
+def test_resume_with_another_optimizer_is_a_clear_error(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=10, optimizer="muon"), progress=False)
+    with pytest.raises(SlmError, match="trained with --optimizer muon"):
+        train(None, tmp_path / "run", train_config=cfg(max_steps=20, optimizer="adamw"), resume=True, progress=False)
+
+
 def test_truncated_checkpoint_is_a_clear_error(tiny_data, tmp_path):
     train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=10), progress=False)
     weights = tmp_path / "run/checkpoints/step_000010/model.safetensors"
