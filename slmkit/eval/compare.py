@@ -505,8 +505,10 @@ def run_recipe(
         run = out / "runs" / name
         tc = TrainConfig(**{**QUICKSTART_TRAIN, "max_time": seconds, "threads": threads, **(train_overrides or {})})
         done = _read_json(run / "meta.json")
-        same_budget = ngram or all(done.get("train", {}).get(k) == getattr(tc, k) for k in ("max_time", "max_steps"))
-        if done.get("status") == "finished" and same_budget:
+        # reuse only a run trained with this exact recipe (budget, optimizer, lr, ...); threads do not change results
+        saved = {k: v for k, v in done.get("train", {}).items() if k != "threads"}
+        same_recipe = ngram or saved == {k: v for k, v in tc.to_dict().items() if k != "threads"}
+        if done.get("status") == "finished" and same_recipe:
             say(f"{name}: reusing the finished run {run}")
         elif ngram:
             order = int(preset.partition("-")[2] or 5)

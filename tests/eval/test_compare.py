@@ -127,6 +127,12 @@ def test_recipe_at_a_tiny_budget(tiny_data, tmp_path):
     run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models[:2], imported=False,
                train_overrides=overrides, efficiency=False, progress=False, say=notes.append)
     assert sum("reusing the finished run" in n for n in notes) == 2  # an interrupted recipe resumes, not restarts
+    notes.clear()
+    run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models[:2], imported=False,
+               train_overrides={**overrides, "optimizer": "adamw", "threads": 2}, efficiency=False, progress=False,
+               say=notes.append)  # another optimizer retrains the network (threads alone would not)
+    assert [n.partition(":")[0] for n in notes if "reusing the finished run" in n] == ["ngram-3"]
+    assert any("tiny-gpt: training" in n for n in notes)
 
 
 def test_cli_compare(tmp_path, capsys):
