@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import prepare_tiny_shakespeare_char
+from bench.time_to_loss import run_slmkit
 
 BASE = dict(batch_size=16, lr=6e-3, warmup_steps=20, min_lr_ratio=0.1, schedule="cosine", precision="auto")
 
@@ -28,30 +27,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("budget", type=float, help="seconds of training per variant")
     args = ap.parse_args()
-    from slmkit import checkpoint
-    from slmkit.config import ModelConfig, TrainConfig
-    from slmkit.data import load_split
-    from slmkit.eval.lm import lm_loss
-    from slmkit.train import train
-
     torch.set_num_threads(2)
     data = prepare_tiny_shakespeare_char()
-    val_tokens = load_split(data, "val").tokens
     for line in sys.stdin:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         spec = json.loads(line)
         preset, model = spec.pop("preset", "gpt-rope-0.8m"), spec.pop("model", {})
-        tc = TrainConfig(max_time=args.budget, threads=2, eval_interval=10**9, eval_batches=2, ckpt_interval=10**9,
-                         **{**BASE, **spec})
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            res = train(data, Path(tmp) / "run", ModelConfig.preset(preset, **model), tc, progress=False)
-            wall = time.perf_counter() - t0
-            m = checkpoint.load(Path(tmp) / "run").model
-            val = lm_loss(m, val_tokens, block_size=m.config.block_size, batch_size=64)
-        print(f"full-val {val:.4f}  wall {wall:5.1f}s  {res.step:4d} steps  {res.tokens_per_s:7,.0f} tok/s  "
-              f"{preset} {model or ''} {spec}", flush=True)
+        wall, val, steps, tps = run_slmkit(data, args.budget, {**BASE, **spec}, preset, model)
+        print(f"full-val {val:.4f}  wall {wall:5.1f}s  {steps:4d} steps  {tps:7,.0f} tok/s  {preset} {model or ''} "
+              f"{spec}", flush=True)
 
 
 if __name__ == "__main__":

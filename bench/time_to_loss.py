@@ -34,8 +34,10 @@ RECIPE = dict(batch_size=32, optimizer="muon", muon_lr=0.08, lr=6e-3, warmup_ste
               schedule="cosine", precision="auto")
 
 
-def run_slmkit(data: Path, budget: float) -> tuple[float, float, int]:
-    """(wall seconds, full-val loss, steps) for one run with a `budget`-second training schedule."""
+def run_slmkit(data: Path, budget: float, recipe: dict | None = None, preset: str = "gpt-rope-0.8m",
+               model: dict | None = None) -> tuple[float, float, int, float]:
+    """(wall seconds, full-val loss, steps, train tokens/s) for one run with a `budget`-second training schedule:
+    RECIPE (or `recipe`) on `preset` with ModelConfig overrides `model`."""
     from slmkit import checkpoint
     from slmkit.config import ModelConfig, TrainConfig
     from slmkit.data import load_split
@@ -43,14 +45,14 @@ def run_slmkit(data: Path, budget: float) -> tuple[float, float, int]:
     from slmkit.train import train
 
     tc = TrainConfig(max_time=budget, threads=2, eval_interval=10**9, eval_batches=2, ckpt_interval=10**9,
-                     **RECIPE)
+                     **(RECIPE if recipe is None else recipe))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = train(data, Path(tmp) / "run", ModelConfig.preset("gpt-rope-0.8m"), tc, progress=False)
+        res = train(data, Path(tmp) / "run", ModelConfig.preset(preset, **(model or {})), tc, progress=False)
         wall = time.perf_counter() - t0
-        model = checkpoint.load(Path(tmp) / "run").model
-        val = lm_loss(model, load_split(data, "val").tokens, block_size=model.config.block_size, batch_size=64)
-    return wall, val, res.step
+        m = checkpoint.load(Path(tmp) / "run").model
+        val = lm_loss(m, load_split(data, "val").tokens, block_size=m.config.block_size, batch_size=64)
+    return wall, val, res.step, res.tokens_per_s
 
 
 def run_peer(data: Path, target: float, max_steps: int = 3000) -> tuple[float | None, float, int]:
@@ -92,7 +94,7 @@ def main() -> None:
     data = prepare_tiny_shakespeare_char()
     best = None
     for budget in args.budgets:
-        wall, val, steps = run_slmkit(data, budget)
+        wall, val, steps, _ = run_slmkit(data, budget)
         ok = val <= args.target
         print(f"slmkit budget {budget:.0f}s: wall {wall:.1f}s, {steps} steps, full-val {val:.4f} nats/char "
               f"{'<=' if ok else '>'} {args.target}", flush=True)

@@ -45,7 +45,8 @@ def project_qkv(m: nn.Module, x: Tensor, pos: int) -> tuple[Tensor, Tensor, Tens
 # its bf16 backward badly. Forward + backward on 2 cores (bench/attention_paths.py, docs/benchmarks.md): T=64 hd=32
 # 1.7 ms explicit vs 7.2 ms SDPA, T=256 6.5 vs 17.8, T=512 hd=64 27 vs 57. Explicit still wins at T=1024 but its
 # scores then cost B·heads·T² memory per layer (100 MB at batch 8 × 6 heads), so longer sequences keep SDPA. fp32
-# keeps SDPA at every length (explicit: 1.2x faster at T=64, slower from T=256; 1.8x slower at T=64 on an Intel Xeon).
+# keeps SDPA at every length (explicit: 1.2x faster at T=64, slower from T=256; an earlier explicit fp32 path
+# was 1.8x slower at T=64 on the 2026-11-22 Intel Xeon).
 EXPLICIT_MAX_T = {torch.bfloat16: 512}
 
 
@@ -65,8 +66,9 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float 
     B, nh, n, hd = q.shape
     k, v = _expand_kv(k, nh).reshape(B * nh, n, hd), _expand_kv(v, nh).reshape(B * nh, n, hd)
     future = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # keys a query may not see
-    # scale, mask and QKᵀ in one baddbmm; softmax reads bf16 and accumulates in fp32 (fewer passes over the T×T
-    # scores than an fp32 copy + masked_fill + softmax: 1.15 vs 1.75 ms per layer at T=64, same error vs fp32 SDPA)
+    # scale, mask and QKᵀ in one baddbmm; softmax reads bf16 and accumulates in fp32: fewer passes over the T×T scores
+    # than an fp32 copy + masked_fill + softmax (one-off measurement at T=64: 1.15 vs 1.25-1.75 ms per layer, noisy;
+    # the same max error against fp32 SDPA)
     scores = torch.baddbmm(future.expand(B * nh, n, n), q.reshape(B * nh, n, hd), k.mT, alpha=hd**-0.5)
     p = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
     return (p @ v).view(B, nh, n, hd)

@@ -30,7 +30,7 @@ def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
     a, b, c = NS_COEFFS
     x = g.to(torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):  # x ← a·x + (b·s + c·s²)·x with s = x·xᵀ, in two fused baddbmm calls (20-40 % faster)
+    for _ in range(steps):  # x ← a·x + (b·s + c·s²)·x with s = x·xᵀ, in two fused baddbmm calls
         s = x @ x.mT  # (…, m, m)
         x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)
     return x.to(g.dtype)
@@ -41,8 +41,8 @@ class Muon(torch.optim.Optimizer):
 
     Per matrix: m ← μ·m + (1-μ)·g; u = orthogonalize(g + μ·(m - g)) (Nesterov) or orthogonalize(m);
     w ← w·(1 - lr·wd) - lr·√max(1, out/in)·u. Matrices of one shape (up to transposition) are orthogonalized as one
-    batch: a GPT's 16 hidden matrices take 3 batched iterations instead of 16, the difference between Muon costing
-    ~45 % and ~10 % of a small model's CPU step.
+    batch: a GPT's 16 hidden matrices take 3 batched iterations instead of 16 (gpt-rope-0.8m on 2 cores: 16.4 ms per
+    step vs torch.optim.Muon's 28.2 ms; bench/muon_step.py).
     """
 
     def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,

@@ -216,7 +216,7 @@ def test_causal_attention_paths_agree(T, nkv):
     torch.testing.assert_close(causal_attention(q32, k32, v32), ref, atol=0, rtol=0)  # fp32 is SDPA itself
 
 
-def test_causal_attention_dropout_only_in_training_path():
+def test_causal_attention_dropout():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 8, 4).bfloat16() for _ in range(3))
     assert causal_attention(q, k, v, 0.0).equal(causal_attention(q, k, v, 0.0))
