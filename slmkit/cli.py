@@ -230,6 +230,9 @@ TRAIN_FLAGS = {
     "precision": dict(choices=["auto", "bf16", "fp32"], help="auto = bf16 autocast only where the CPU has native bf16"),
     "threads": dict(type=int, help="torch threads (default: all cores available)"),
     "seed": dict(type=int),
+    "compile": dict(action="store_const", const=True,
+                    help="torch.compile the model: steps ~15-45%% faster at nanoGPT size after a one-off compile "
+                         "(~20 s, ~3 s once cached); worth it for runs of more than a few minutes"),
     "eval_interval": dict(type=int, help="steps between validation evals"),
     "ckpt_interval": dict(type=int, help="steps between checkpoints"),
 }

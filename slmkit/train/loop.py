@@ -32,7 +32,7 @@ from slmkit.eval.lm import bits_per_byte, lm_loss
 from slmkit.fsutil import write_json
 from slmkit.model import GPT
 from slmkit.runtime import autocast, resolve_precision, set_threads
-from slmkit.train.optim import build_optimizer, lr_at, set_lr
+from slmkit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from slmkit.train.report import plot_metrics
 from slmkit.versions import versions
 
@@ -117,6 +117,7 @@ class TrainResult:
     val_bpb: float
     num_params: int
     status: str
+    first_step_time: float = 0.0  # seconds of the first step of this invocation: one-off warm-up, incl. any compile
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -230,8 +231,9 @@ def train(
         return p
 
     def evaluate(final: bool = False) -> tuple[float, float]:
-        # fixed, evenly spread windows (no sampling noise between evals); the final eval reads 4x as many
-        loss = lm_loss(forward, val_shard.tokens, block_size=T, batch_size=tc.batch_size,
+        # fixed, evenly spread windows (no sampling noise between evals); the final eval reads 4x as many. Eager even
+        # with --compile: each new eval batch shape would cost another compile
+        loss = lm_loss(model, val_shard.tokens, block_size=T, batch_size=tc.batch_size,
                        max_windows=eval_windows * (4 if final else 1), precision=precision)
         return loss, bits_per_byte(loss, val_shard.bytes_per_token)
 
@@ -256,6 +258,7 @@ def train(
     bar = _progress_bar(progress)
     task = bar.add_task("", total=1.0)
     last_loss, last_val, status = float("nan"), None, "finished"
+    first_step_time = 0.0
     window_t, window_tokens = time.perf_counter(), 0
     model.train()
     with stop.installed(), bar:
@@ -284,7 +287,7 @@ def train(
                 aux = model.aux_loss  # MoE load balancing (None when dense): trained on, never reported as the loss
                 ((loss if aux is None else loss + aux) / tc.grad_accum).backward()
             if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                clip_gradients(optimizer, tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -295,6 +298,8 @@ def train(
                 if not math.isfinite(last_loss):
                     raise SlmError(f"loss became {last_loss} at step {step}; lower --lr or enable grad_clip")
             train_time += time.perf_counter() - t0
+            if step == start_step + 1:
+                first_step_time = time.perf_counter() - t0
             if step % tc.log_interval == 0:
                 now = time.perf_counter()
                 tps = window_tokens / (now - window_t)
@@ -316,6 +321,7 @@ def train(
         run_dir=out, step=step, tokens=tokens_seen, train_time=train_time,
         tokens_per_s=tokens_seen / train_time if train_time else 0.0, train_loss=last_loss,
         val_loss=last_val[0], val_bpb=last_val[1], num_params=model.num_params(), status=status,
+        first_step_time=first_step_time,
     )
     run_meta.update(status=status, result={k: v for k, v in result.__dict__.items() if k != "run_dir"})
     write_json(out / "meta.json", run_meta)

@@ -1,8 +1,9 @@
 """Optimizers and learning-rate schedules.
 
-`adamw` and `sgd` are torch's. `muon` is Muon (Jordan et al. 2024, the modded-nanoGPT speedrun optimizer) for the
-hidden weight matrices plus AdamW for embeddings, the head, norms and biases; on 2 CPU cores it reached 1.93
-nats/char on char-level Shakespeare in 0.6x the steps of tuned AdamW (docs/benchmarks.md, time_to_loss).
+`sgd` is torch's; `adamw` is torch's fused AdamW kernel behind a leaner step (AdamW below). `muon` is Muon (Jordan et
+al. 2024, the modded-nanoGPT speedrun optimizer) for the hidden weight matrices plus AdamW for embeddings, the head,
+norms and biases; on 2 CPU cores it reached 1.93 nats/char on char-level Shakespeare in 0.6x the steps of tuned AdamW
+(docs/benchmarks.md, time_to_loss).
 """
 
 from __future__ import annotations
@@ -76,6 +77,62 @@ class Muon(torch.optim.Optimizer):
                     p.add_(o.mT if p.size(0) > p.size(1) else o, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
 
 
+class AdamW(torch.optim.Optimizer):
+    """AdamW as one call to torch's fused kernel per parameter group, with gradient clipping folded into that kernel.
+
+    Same update and the same state ("step", "exp_avg", "exp_avg_sq" per parameter) as torch.optim.AdamW(fused=True),
+    so checkpoints load either way. What it drops is overhead: torch's step() re-collects its per-parameter lists in
+    Python every call, and clip_grad_norm_ scales every gradient with its own op; at nanoGPT size the two cost ~1.5 ms
+    of a ~25 ms step, this ~0.7 ms (bench/train_throughput.py is where it shows). `clip_gradients` hands the clipping
+    coefficient over in `grad_coef`; the kernel divides the gradients by 1/coef on the fly (its AMP `grad_scale`).
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.grad_coef: Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # closure: torch's signature; unused
+        scale = None if self.grad_coef is None else self.grad_coef.reciprocal()
+        self.grad_coef = None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self.state[p] for p in params]
+            for p, st in zip(params, states, strict=True):
+                if not st:
+                    st.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                              exp_avg_sq=torch.zeros_like(p))
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                                [st["exp_avg_sq"] for st in states], [], steps, lr=group["lr"], beta1=beta1,
+                                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                                maximize=False, grad_scale=scale)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer | OptimizerSet, max_norm: float) -> Tensor | None:
+    """Clip the gradients of everything `optimizer` updates to a total L2 norm of at most `max_norm` (what
+    torch.nn.utils.clip_grad_norm_ does), without a pass over each gradient: the coefficient goes to AdamW's fused
+    kernel, other optimizers get one foreach multiply. Returns the total norm before clipping (a tensor: no sync)."""
+    parts = optimizer.parts if isinstance(optimizer, OptimizerSet) else [optimizer]
+    grads = {o: [p.grad for g in o.param_groups for p in g["params"] if p.grad is not None] for o in parts}
+    flat = [g for gs in grads.values() for g in gs]
+    if not flat:
+        return None
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for o, gs in grads.items():
+        if isinstance(o, AdamW):
+            o.grad_coef = coef
+        elif gs:
+            torch._foreach_mul_(gs, coef)
+    return total
+
+
 class OptimizerSet:
     """Several optimizers over disjoint parameters, stepped as one (Muon's matrices + AdamW's rest). Exposes what the
     trainer uses: param_groups (all of them), step, zero_grad and a state dict holding each part's."""
@@ -108,18 +165,18 @@ class OptimizerSet:
 def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer | OptimizerSet:
     """The optimizer for a model's `param_groups()` (groups tagged kind = matrix | embedding | vector).
 
-    AdamW is fused (one kernel for all parameters, measured faster than foreach on CPU). Muon's groups are tagged
-    optimizer="muon" so `set_lr` gives them muon_lr on the same schedule.
+    AdamW is the fused one above (one kernel per group, measured faster than foreach on CPU). Muon's groups are
+    tagged optimizer="muon" so `set_lr` gives them muon_lr on the same schedule.
     """
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, **adamw)
+        return AdamW(param_groups, **adamw)
     matrices = [g for g in param_groups if g["kind"] == "matrix"]
     rest = [g for g in param_groups if g["kind"] != "matrix"]
     muon = Muon([{**g, "optimizer": "muon"} for g in matrices], lr=cfg.muon_lr)
-    return OptimizerSet([muon, torch.optim.AdamW(rest, **adamw)])
+    return OptimizerSet([muon, AdamW(rest, **adamw)])
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:

@@ -193,3 +193,16 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
     resumed = train(None, tmp_path / "run", train_config=cfg(max_steps=step + 5, batch_size=4), resume=True,
                     progress=False)
     assert resumed.step == step + 5 and resumed.status == "finished"
+
+
+def test_compiled_training_matches_eager(tiny_data, tmp_path):
+    """--compile changes how the step runs, not what it computes: same loss within float noise; the one-off compile
+    shows up as the first step's time."""
+    from slmkit.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--data", "d", "--compile"]).compile is True
+    assert build_parser().parse_args(["train", "--data", "d"]).compile is None  # unset: a resume keeps the run's
+    a = train(tiny_data, tmp_path / "a", TINY, cfg(max_steps=8, eval_interval=8), progress=False)
+    b = train(tiny_data, tmp_path / "b", TINY, cfg(max_steps=8, eval_interval=8, compile=True), progress=False)
+    assert abs(a.val_loss - b.val_loss) < 1e-3, (a.val_loss, b.val_loss)
+    assert b.first_step_time > a.first_step_time > 0

@@ -8,7 +8,16 @@ import torch
 
 from slmkit.config import ModelConfig, TrainConfig
 from slmkit.model import GPT
-from slmkit.train.optim import NS_COEFFS, Muon, OptimizerSet, build_optimizer, orthogonalize, set_lr
+from slmkit.train.optim import (
+    NS_COEFFS,
+    AdamW,
+    Muon,
+    OptimizerSet,
+    build_optimizer,
+    clip_gradients,
+    orthogonalize,
+    set_lr,
+)
 
 
 def reference_orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -99,3 +108,52 @@ def test_optimizer_set_state_round_trips():
                        opt.parts[0].state_dict()["state"][0]["momentum_buffer"])
     with pytest.raises(ValueError, match="different optimizer"):
         fresh.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def _model_with_grads(seed: int) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=16))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6])  # clipping active (total norm ~30) / inactive
+def test_adamw_with_folded_clipping_matches_torch(max_norm):
+    """Our AdamW + clip_gradients == torch.optim.AdamW(fused=True) + clip_grad_norm_, step after step, and the two
+    optimizers' state dicts load into each other (checkpoints from either resume with the other)."""
+    ours, ref = _model_with_grads(0), _model_with_grads(0)
+    groups = lambda m: m.param_groups(0.1)  # noqa: E731
+    opt = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.99))
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.99), fused=True)
+    for step in range(3):
+        torch.manual_seed(step)
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            a.grad = torch.randn_like(a) * 5
+            b.grad = a.grad.clone()
+        total = clip_gradients(opt, max_norm)
+        ref_total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        torch.testing.assert_close(total, ref_total)
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+    crossed = AdamW(groups(ref), lr=1e-2)
+    crossed.load_state_dict(ref_opt.state_dict())
+    torch.testing.assert_close(crossed.state_dict()["state"][0]["exp_avg"], ref_opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_clip_gradients_scales_every_part_of_an_optimizer_set():
+    model = _model_with_grads(1)
+    opt = build_optimizer(model.param_groups(0.1), TrainConfig(optimizer="muon"))
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    total = clip_gradients(opt, 1.0)
+    expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in before.values()]))
+    torch.testing.assert_close(total, expected)
+    muon, adamw = opt.parts
+    coef = 1.0 / (float(expected) + 1e-6)
+    for p in (p for g in muon.param_groups for p in g["params"]):  # Muon's gradients scaled in place
+        name = next(n for n, q in model.named_parameters() if q is p)
+        torch.testing.assert_close(p.grad, before[name] * coef)
+    torch.testing.assert_close(adamw.grad_coef, torch.tensor(coef))  # AdamW's kernel applies it in its step
