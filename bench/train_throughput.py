@@ -2,7 +2,8 @@
 
 Identical config — nanoGPT's CPU config for char-level Shakespeare: 4 layers, 4 heads, 128 dims, context 64, batch 12,
 AdamW lr 1e-3 (beta2 0.99, wd 0.1), warmup + cosine, grad clip 1.0 — same batches, same machine, same run, 2 threads.
-Runs are interleaved (slmkit, peer, peer, slmkit, ...) and medians reported, because the machine is shared.
+Runs are interleaved (every repeat runs every row, in reversed order every other repeat) and medians reported, plus the
+median of per-repeat ratios ("paired"), because the machine is shared and its speed drifts within minutes.
 
 Rows: slmkit as `slm train --compile` and as plain `slm train` (precision auto: bf16 autocast with fp32 master
 weights where the CPU multiplies bf16 natively, else fp32), and on such CPUs pinned to fp32 as well. The peer is
@@ -12,7 +13,7 @@ bf16 also under bf16 autocast, and compiled with torch.compile — so the shares
 compiling alone buy are visible. Ratios are against the default peer.
 
 tokens/s counts steps 11 onwards for every row (the first steps carry one-off set-up: oneDNN picking kernels, and
-for the compiled rows the compile itself, ~20 s cold and ~3 s from torch's on-disk cache); the one-off is printed
+for the compiled rows the compile itself, ~30 s cold and ~3 s from torch's on-disk cache); the one-off is printed
 as "first step" so nothing is hidden.
 
     python bench/train_throughput.py [--steps 200] [--repeats 3]
@@ -38,6 +39,7 @@ OPT = dict(lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, beta2=
 BATCH = 12
 
 
+PEER = "hf gelu_new (default)"
 WARMUP = 10  # steps excluded from every row's tokens/s: one-off set-up (oneDNN kernel selection, compiling)
 
 
@@ -97,28 +99,36 @@ def main() -> None:
         f"slmkit --compile ({auto})": lambda rep: run_slmkit(data, args.steps, rep, compile=True),
         f"slmkit ({auto})": lambda rep: run_slmkit(data, args.steps, rep),
         **({"slmkit fp32": lambda rep: run_slmkit(data, args.steps, rep, precision="fp32")} if bf16 else {}),
-        "hf gelu_new (default)": lambda rep: run_hf(data, args.steps, rep, "gelu_new"),
+        PEER: lambda rep: run_hf(data, args.steps, rep, "gelu_new"),
         "hf gelu (exact)": lambda rep: run_hf(data, args.steps, rep, "gelu"),
         **({"hf gelu_new bf16 autocast": lambda rep: run_hf(data, args.steps, rep, "gelu_new", bf16=True)}
            if bf16 else {}),
         "hf gelu_new + torch.compile": lambda rep: run_hf(data, args.steps, rep, "gelu_new", compile=True),
     }
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in rows}
+    # the default peer runs between the two headline slmkit rows, so their pairs are close in time
+    order = [name for name in rows if name != PEER]
+    order.insert(1, PEER)
     for rep in range(args.repeats):
-        for name, fn in rows.items():  # interleaved: every repeat runs every row once
-            runs[name].append(fn(rep))
+        # every repeat runs every row once, in reversed order every other repeat (A B C .. C B A): a machine that speeds
+        # up or slows down during a repeat then favours no row
+        for name in order if rep % 2 == 0 else order[::-1]:
+            runs[name].append(rows[name](rep))
         print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1][0]:,.0f} tok/s" for k, v in runs.items()), flush=True)
-    peer = statistics.median([t for t, _, _ in runs["hf gelu_new (default)"]])
+    peer_runs = [t for t, _, _ in runs[PEER]]
+    peer = statistics.median(peer_runs)
     print(f"\n{args.steps} steps x batch {BATCH} x context 64, 2 threads, {args.repeats} repeats (medians); tokens/s "
-          f"over steps {WARMUP + 1}-{args.steps}; val loss on 1,000 val windows; first step = one-off warm-up "
-          "(incl. compiling; the slowest repeat)")
-    print(f"{'trainer':30s} {'tokens/s':>10s} {'val loss':>9s} {'vs hf default':>14s} {'first step':>11s}")
+          f"over steps {WARMUP + 1}-{args.steps}; val loss on 1,000 val windows; 'paired' = median over repeats of "
+          f"the row's tokens/s / the default peer's in the same repeat; first step = one-off warm-up (incl. "
+          "compiling; the slowest repeat)")
+    print(f"{'trainer':30s} {'tokens/s':>10s} {'val loss':>9s} {'vs hf default':>14s} {'paired':>7s} "
+          f"{'first step':>11s}")
     for name, results in runs.items():
         tps = statistics.median([t for t, _, _ in results])
         val = statistics.median([v for _, v, _ in results])
+        paired = statistics.median([t / p for (t, _, _), p in zip(results, peer_runs, strict=True)])
         first = max(f for _, _, f in results)  # the first repeat's: later ones reuse what torch cached in-process
-        print(f"{name:30s} {tps:10,.0f} {val:9.4f} {tps / peer:13.2f}x {first:10.1f}s")
-
+        print(f"{name:30s} {tps:10,.0f} {val:9.4f} {tps / peer:13.2f}x {paired:6.2f}x {first:10.1f}s")
 
 if __name__ == "__main__":
     main()

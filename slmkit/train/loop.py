@@ -263,6 +263,9 @@ def train(
     model.train()
     with stop.installed(), bar:
         start_step = step
+        if tc.compile:
+            bar.console.print("compiling the model on the first step (one-off: ~30 s the first time, seconds once "
+                              "torch has cached it)")
         while True:
             done = progress_of(step, train_time) >= 1.0
             if stop.requested:
