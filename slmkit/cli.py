@@ -118,9 +118,11 @@ def cmd_train(a: argparse.Namespace) -> None:
             raise SlmError("slm train needs --data DIR and --out DIR (or --resume RUN)")
         model, tc = _configs(a)
         result = train(a.data, a.out, model, tc, overwrite=a.overwrite, progress=not a.quiet)
+    first = result.first_step_time
+    warm = f", incl. a {first:.0f}s first step: one-off warm-up/compile" if first > 2 else ""
     print(f"{result.status}: step {result.step}, {result.tokens:,} tokens in {result.train_time:.0f}s "
-          f"({result.tokens_per_s:,.0f} tok/s); val loss {result.val_loss:.4f} nats/token, {result.val_bpb:.4f} bpb "
-          f"→ {result.run_dir}")
+          f"({result.tokens_per_s:,.0f} tok/s{warm}); val loss {result.val_loss:.4f} nats/token, "
+          f"{result.val_bpb:.4f} bpb → {result.run_dir}")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
