@@ -74,7 +74,7 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float 
     return (p @ v).view(B, nh, n, hd)
 
 
-def _store(cache: Any, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def store_kv(cache: Any, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Write this call's keys/values at the cache position; return all cached keys/values (B, nkv, S, hd)."""
     B, pos, T = k.size(0), cache.pos, k.size(2)
     cache.k[layer][:B, :, pos : pos + T] = k
@@ -129,10 +129,10 @@ class _MaskedAttention(nn.Module):
         q, k, v = project_qkv(self, x, pos)
         if pos == 0:
             if cache is not None:
-                _store(cache, layer, k, v)
+                store_kv(cache, layer, k, v)
             y = self.attend(q, k, v)
         else:
-            k, v = _store(cache, layer, k, v)  # (B, nkv, S, hd)
+            k, v = store_kv(cache, layer, k, v)  # (B, nkv, S, hd)
             S = pos + T
             mask = self.visible(torch.arange(pos, S, device=x.device), torch.arange(S, device=x.device))  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
@@ -376,10 +376,10 @@ class LSHAttention(nn.Module):
         k = F.normalize(q, dim=-1)  # shared-QK keys
         if pos == 0:
             if cache is not None:
-                _store(cache, layer, k, v)
+                store_kv(cache, layer, k, v)
             y = self._sorted(q, k, v)
         else:
-            k, v = _store(cache, layer, k, v)
+            k, v = store_kv(cache, layer, k, v)
             y = self._dense(q, k, v, pos)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmkit.config import ModelConfig
-from slmkit.model.attention import ATTENTION_KINDS, causal_attention, project_qkv
+from slmkit.model.attention import ATTENTION_KINDS, causal_attention, project_qkv, store_kv
 from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -105,12 +105,11 @@ class Attention(nn.Module):
         pos = cache.pos if cache is not None else 0
         q, k, v = project_qkv(self, x, pos)
         if cache is not None:
-            cache.k[layer][:B, :, pos : pos + T] = k
-            cache.v[layer][:B, :, pos : pos + T] = v
+            cached_k, cached_v = store_kv(cache, layer, k, v)  # (B, nkv, S, hd): the prefix and this call
         if pos == 0:  # a fresh sequence: training, evaluation, the first prefill
             y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         else:
-            k, v = cache.k[layer][:B, :, : pos + T], cache.v[layer][:B, :, : pos + T]  # (B, nkv, S, hd)
+            k, v = cached_k, cached_v
             # a chunk after a prefix: row i sees the prefix and chunk tokens <= i (one decoded token sees all)
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos) if T > 1 else None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
