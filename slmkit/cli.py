@@ -233,7 +233,7 @@ TRAIN_FLAGS = {
     "threads": dict(type=int, help="torch threads (default: all cores available)"),
     "seed": dict(type=int),
     "compile": dict(action="store_const", const=True,
-                    help="torch.compile the model: ~15%% more tokens/s at nanoGPT size after a one-off compile "
+                    help="torch.compile the model: ~5-30%% more tokens/s at nanoGPT size after a one-off compile "
                          "(~30 s cold, ~3 s once cached); worth it for runs of more than a few minutes"),
     "eval_interval": dict(type=int, help="steps between validation evals"),
     "ckpt_interval": dict(type=int, help="steps between checkpoints"),
