@@ -59,8 +59,12 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 directories
+        mask = _umask()
+        tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700 directories
         yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():  # some writers (safetensors' save_file) make 0600 files: a finished artifact is shareable
+                f.chmod(0o666 & ~mask)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)
