@@ -6,6 +6,7 @@ User errors (`SlmError`) print one line and exit 2; internal errors keep their t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,30 @@ examples:
   slm import gguf smollm2 --out runs/smollm2       # SmolLM2-135M (installed by the set-up) as a native checkpoint
   slm generate runs/smollm2 --chat --prompt "What is the capital of France?" --temperature 0 --weights int8
   slm eval runs/smollm2 --lm shakespeare:val --task mmlu --limit 20   # bpb + MMLU → runs/smollm2/eval.json
+  slm compare runs/shk-small runs/smollm2 --out reports/mine   # side by side: bpb, size, speed, Pareto plots
 """
+
+MORE_EXAMPLES = """\
+  slm quickstart --preset llama-3m --max-time 10m --out runs/qs-llama
+  slm data prepare --corpus path/to/notes/ --tokenizer byte --out runs/data/notes   # your own .txt/.md/.jsonl/.parquet
+  slm data prepare --corpus bbc-news --tokenizer runs/data/shk/tokenizer.json --out runs/data/bbc   # reuse a tokenizer
+  slm train --data runs/data/shk --preset gpt-rope-3m --optimizer muon --max-time 10m --compile --out runs/shk-muon
+  slm train --data runs/data/shk --preset llama-3m --set n_layer=8 --set dropout=0.1 --max-steps 2000 --out runs/deep
+  slm train --data runs/data/shk --preset ngram-5 --out runs/ngram-5   # Kneser-Ney baseline, counted in seconds
+  slm train --resume runs/shk-small --max-time 10m   # continue with a longer budget
+  slm generate runs/shk-small --prompt "JULIET:" --temperature 0 --stop "\\n\\n"   # greedy, stop at a blank line
+  slm eval runs/shk-small --lm shakespeare:folio --efficiency   # out-of-domain bpb + speed and memory
+  slm compare --recipe spectrum --budget 3m --out reports/spectrum   # train a standard set of models, then compare
+  slm presets --vocab-size 2048
+"""
+
+
+def _examples(command: str) -> str | None:
+    """The example lines (EXAMPLES + MORE_EXAMPLES) that run `slm <command>`, as a subcommand's --help epilog."""
+    words = command.split()
+    lines = [line for line in (EXAMPLES + MORE_EXAMPLES).splitlines()
+             if line.split()[:1] == ["slm"] and line.split()[1:1 + len(words)] == words]
+    return "examples:\n" + "\n".join(lines) if lines else None
 
 
 # --- handlers: parse → call the library ----------------------------------------------------------------------------
@@ -125,12 +149,22 @@ def cmd_train(a: argparse.Namespace) -> None:
           f"{result.val_bpb:.4f} bpb → {result.run_dir}")
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` typed in a shell → the characters (a shell cannot pass a newline in quotes
+    comfortably); any other backslash stays as it is. Not unicode_escape: that would mangle non-ASCII text."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     from slmkit.api import LLM
 
     llm = LLM.load(a.run, threads=a.threads, weights=a.weights)
+    stop = [unescape(s) for s in a.stop or ()]
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  repetition_penalty=a.repetition_penalty, stop=a.stop or (), seed=a.seed, chat=a.chat)
+                  repetition_penalty=a.repetition_penalty, stop=stop, seed=a.seed, chat=a.chat)
     for _ in range(a.num_samples):
         sys.stdout.write(a.prompt + ("\n" if a.chat else ""))
         for piece in llm.stream(a.prompt, **kwargs):
@@ -247,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str, parent: Any = sub) -> Any:
-        sp = parent.add_parser(name, help=help, description=help)
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str, parent: Any = sub, group: str = "") -> Any:
+        sp = parent.add_parser(name, help=help, description=help, epilog=_examples(f"{group} {name}"),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -263,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_parser = sub.add_parser("data", help="prepare corpora into token shards")
     data = data_parser.add_subparsers(dest="data_cmd", required=True, metavar="COMMAND")
-    dp = add("prepare", cmd_data_prepare, "tokenize a corpus into memory-mapped train/val shards", data)
+    dp = add("prepare", cmd_data_prepare, "tokenize a corpus into memory-mapped train/val shards", data, "data")
     dp.add_argument("--corpus", default="shakespeare",
                     help="built-in name (shakespeare, bbc-news) or a .txt/.md/.jsonl/.parquet file or directory")
     dp.add_argument("--tokenizer", default="bpe:4096", help="byte | char | bpe:N | path/to/tokenizer.json")
@@ -273,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dtype", choices=["uint16", "uint32"], help="token width (default: smallest that fits)")
     dp.add_argument("--overwrite", action="store_true")
     dp.add_argument("--quiet", action="store_true")
-    add("corpora", cmd_data_corpora, "list built-in corpora", data)
+    add("corpora", cmd_data_corpora, "list built-in corpora", data, "data")
 
     t = add("train", cmd_train, "train a model on prepared shards (or --resume a run)")
     t.add_argument("--data", help="prepared data directory (slm data prepare)")
@@ -298,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+    g.add_argument("--stop", action="append",
+                   help="stop before this string (repeatable; \\n, \\t, \\r and \\\\ are read as escapes)")
     g.add_argument("--seed", type=int)
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--chat", action="store_true",
@@ -315,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("hf", "a local transformers Llama checkpoint (config.json + safetensors + tokenizer.json)",
          "the checkpoint directory"),
     ):
-        ip = add(fmt, cmd_import, f"import {what}", imp)
+        ip = add(fmt, cmd_import, f"import {what}", imp, "import")
         ip.add_argument("source", help=src_help)
         ip.add_argument("--out", required=True, help="checkpoint directory to create")
         ip.add_argument("--overwrite", action="store_true", help="replace an existing --out")

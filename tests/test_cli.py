@@ -76,3 +76,36 @@ def test_existing_out_is_refused(tmp_path, capsys):
     code, _, err = run_cli(capsys, "data", "prepare", "--corpus", corpus, "--out", str(tmp_path / "taken"))
     assert code == 2 and "already exists" in err
     assert (tmp_path / "taken/keep.txt").read_text() == "precious"
+
+
+def _example_lines() -> list[str]:
+    from slmkit.cli import EXAMPLES, MORE_EXAMPLES
+
+    return [line.split("  #")[0].strip() for line in (EXAMPLES + MORE_EXAMPLES).splitlines()
+            if line.strip().startswith("slm ")]
+
+
+@pytest.mark.parametrize("line", _example_lines())
+def test_every_help_example_parses(line):
+    import shlex
+
+    from slmkit.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(line)[1:])  # argparse exits on an unknown flag or a bad choice
+    assert callable(args.fn)
+
+
+def test_subcommand_help_shows_its_own_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--help"])
+    out = capsys.readouterr().out
+    examples = out.split("examples:")[1].strip().splitlines()
+    assert len(examples) >= 2 and all(line.strip().startswith("slm data prepare ") for line in examples)
+
+
+def test_stop_escapes_are_read_as_characters():
+    from slmkit.cli import unescape
+
+    assert unescape(r"\n\n") == "\n\n"
+    assert unescape(r"a\tb\\n") == "a\tb\\n"  # an escaped backslash stays one backslash, followed by n
+    assert unescape("naïve \\x41 \\q") == "naïve \\x41 \\q"  # other escapes and non-ASCII text pass through
