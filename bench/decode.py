@@ -9,7 +9,7 @@ because the machine is shared. Also measured in the same run: the memory read ba
 large fp32 reduction), so each speed is printed as a fraction of the bandwidth limit:
     bytes of weights read per token × tokens/s ÷ read bandwidth.
 
-    python bench/decode.py [--new-tokens 128] [--repeats 5] [--threads 2]
+    python bench/decode.py [--new-tokens 128] [--repeats 5] [--threads 2] [--prompt-tokens 256]
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peer", action="store_true", help="skip transformers (slmkit only)")
+    ap.add_argument("--prompt-tokens", type=int,
+                    help="decode after a prompt of N tokens (the text repeated) instead of the 8-token sentence: "
+                         "attention over a longer cache")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -142,6 +145,8 @@ def main() -> None:
     gguf, run = smollm2(CACHE)
     llm = LLM.load(run, threads=args.threads)
     prompt = llm.tokenizer.encode(PROMPT, bos=llm.tokenizer.add_bos)
+    if args.prompt_tokens:
+        prompt = llm.tokenizer.encode(f"{PROMPT} " * args.prompt_tokens, bos=llm.tokenizer.add_bos)[:args.prompt_tokens]
     models = {"slmkit fp32": llm.model}
     for dt in ("bf16", "int8"):
         models[f"slmkit {dt}"] = quantize(copy.deepcopy(llm.model), dt)
@@ -158,8 +163,8 @@ def main() -> None:
     if not args.no_peer and importlib.util.find_spec("llama_cpp") is not None:
         from llama_cpp import Llama
 
-        llama = Llama(model_path=str(gguf), n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
-                      verbose=False)
+        llama = Llama(model_path=str(gguf), n_ctx=max(512, len(prompt) + args.new_tokens + 8), n_threads=args.threads,
+                      n_threads_batch=args.threads, verbose=False)
 
     # the same greedy tokens on both sides (fp32), before timing anything
     from slmkit.infer.engine import SamplingParams, generate

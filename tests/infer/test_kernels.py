@@ -89,12 +89,14 @@ CONFIGS = {
     "local-window": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="local", attn_window=4),
     "moe-top2": dict(pos="rope", norm="rmsnorm", mlp="swiglu", moe_experts=4, moe_top_k=2),
     "moe-top1-gelu-bias": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, moe_experts=3, moe_top_k=1),
+    # head_dim 24: the vector attention paths take 16 lanes and leave a scalar tail / fall back to scalar
+    "head-dim-24": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_embd=96, n_head=4, n_kv_head=2),
 }
 
 
 def _model(big: bool = True, **kw) -> GPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, block_size=64, n_layer=4, n_head=4, n_embd=128, **kw)
+    cfg = ModelConfig(**{"vocab_size": 97, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, **kw})
     model = GPT(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():  # big: larger than the init, so errors are not hidden by tiny activations

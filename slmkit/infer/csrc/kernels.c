@@ -231,6 +231,21 @@ static void rope(const Model* m, float* v, int pos) { /* rotate-half layout (HF 
   }
 }
 
+/* q . k over one head. Written out with AVX-512 because C's strict float order keeps the compiler from vectorizing
+   a reduction: the scalar loop is a chain of dependent adds, and with it decoding SmolLM2-135M (int8) slowed from
+   ~208 to ~144 tok/s between an 8- and a 256-token context. */
+static inline float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+  int i = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
 /* Attention of one query head over cache positions 0..pos (the last m->window of them, if set). */
 static void attend(const Model* m, const Layer* L, int h, int pos) {
   const int t0 = m->window > 0 && pos >= m->window ? pos - m->window + 1 : 0;
@@ -242,14 +257,26 @@ static void attend(const Model* m, const Layer* L, int h, int pos) {
   const float scale = 1.f / sqrtf((float)hd);
   float mx = -INFINITY;
   for (int t = t0; t <= pos; t++) {
-    float d = 0.f;
-    for (int i = 0; i < hd; i++) d += q[i] * kc[(size_t)t * hd + i];
-    sc[t] = d * scale;
+    sc[t] = dot(q, kc + (size_t)t * hd, hd) * scale;
     mx = fmaxf(mx, sc[t]);
   }
   float sum = 0.f;
   for (int t = t0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
   float* out = m->att + (size_t)h * hd;
+#if defined(__AVX512F__)
+  if (hd % 16 == 0 && hd <= 256) { /* the output row stays in registers across positions (out may alias vc for C) */
+    __m512 acc[16];
+    for (int j = 0; j < hd / 16; j++) acc[j] = _mm512_setzero_ps();
+    for (int t = t0; t <= pos; t++) {
+      const __m512 p = _mm512_set1_ps(sc[t]);
+      const float* v = vc + (size_t)t * hd;
+      for (int j = 0; j < hd / 16; j++) acc[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * j), acc[j]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (int j = 0; j < hd / 16; j++) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(acc[j], inv));
+    return;
+  }
+#endif
   for (int i = 0; i < hd; i++) out[i] = 0.f;
   for (int t = t0; t <= pos; t++) {
     const float p = sc[t] / sum;
