@@ -38,7 +38,8 @@ class LLM:
         """Load a checkpoint directory or a run directory (its latest checkpoint).
 
         weights: "int8" or "bf16" quantize the linear layers for inference (slmkit.compress.quantize): 4x / 2x fewer
-        bytes read per generated token: SmolLM2-135M decoded 2.8x / 2.1x faster than fp32 (docs/benchmarks.md).
+        bytes read per generated token: SmolLM2-135M decoded 2.8-4.3x / 2.0-2.1x faster than fp32 on two 2-core
+        machines (docs/benchmarks.md).
         """
         set_threads(threads)
         if is_ngram_run(path):  # an n-gram baseline run (slm train --preset ngram-5): no torch weights
