@@ -1,7 +1,8 @@
 """Batch-1 greedy decoding speed: SmolLM2-135M imported into slmkit (fp32, bf16 and int8 weights) vs transformers'
 `generate()` on the same GGUF weights (fp32) and, when llama-cpp-python is installed (not part of the set-up:
 `.venv/bin/pip install llama-cpp-python==0.3.36`, a C++ build), llama.cpp on the GGUF file itself (Q4_1) — same
-prompt, same number of new tokens, same run, same thread count.
+prompt, same number of new tokens, same run, same thread count. On a CPU with AMX, build it without ggml's AMX path,
+which segfaults on its first decode (ggml-org/llama.cpp#20824; the CMAKE_ARGS are in docs/benchmarks.md, 2026-12-01).
 
 Decode tokens/s excludes the prompt: each side is timed generating 1 token and N tokens, and decode speed is
 (N − 1) / (t_N − t_1). Runs are interleaved (slmkit fp32, bf16, int8, transformers, repeat) and medians reported,
