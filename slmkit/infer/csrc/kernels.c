@@ -24,9 +24,9 @@
 enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2 };
 #define QBLOCK 64
 /* Software prefetch of the weights this far ahead of the row being read, into L2. The hardware prefetcher alone
-   left a 2-core Xeon (AMX) at 60-65 % of the read bandwidth with int8/bf16 rows of 0.5-1 KB; with this, SmolLM2-135M
-   decoded at ~1.45x (int8) and ~1.2x (bf16) the tokens/s, fp32 unchanged (bench/decode.py, docs/benchmarks.md).
-   Prefetching into L1 (T0) was slower for bf16/fp32: a burst of a row's lines fills the L1 miss buffers.
+   left a 2-core Xeon (AMX) at 62 % / 71 % of the read bandwidth with int8 / bf16 rows of 0.5-1 KB; with this,
+   SmolLM2-135M decoded at ~1.45x (int8) and ~1.2x (bf16) the tokens/s, fp32 unchanged (bench/decode.py,
+   docs/benchmarks.md). Prefetching into L1 (T0) instead measured slower for bf16 and fp32.
    -DPREFETCH_AHEAD=0 (via SLMKIT_KERNEL_FLAGS) turns it off for comparison. */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 4096
