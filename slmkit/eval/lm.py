@@ -2,7 +2,7 @@
 
 Two evaluators share one unit, bits per UTF-8 byte of the scored text, so byte/char/BPE/imported models compare:
 
-- `lm_loss`: mean loss over non-overlapping windows of a shard (the trainer's fast, fixed-cost eval).
+- `slmkit.metrics.lm_loss`: mean loss over non-overlapping windows of a shard (the trainer's fast, fixed-cost eval).
 - `evaluate_text`: every token of every document scored exactly once with as much left context as the model allows
   (a sliding window with a configurable stride, as in HF's perplexity guide), for `slm eval`.
 
@@ -28,54 +28,6 @@ from slmkit.runtime import autocast
 
 # (ids, n): score the last n tokens of ids, each given every token before it in ids
 Window = tuple[Sequence[int], int]
-
-
-def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
-    """Tokenizer-agnostic quality: nats/token → bits/token → bits per UTF-8 byte of the text."""
-    return loss_nats_per_token / math.log(2) / bytes_per_token
-
-
-def window_starts(n_tokens: int, block_size: int, max_windows: int | None) -> np.ndarray:
-    """Start offsets of non-overlapping (block_size+1)-token windows; evenly spread when capped by max_windows."""
-    n = max(0, (n_tokens - 1) // block_size)
-    starts = np.arange(n, dtype=np.int64) * block_size
-    if max_windows is not None and n > max_windows:
-        starts = starts[np.linspace(0, n - 1, max_windows).round().astype(np.int64)]
-    return starts
-
-
-@torch.no_grad()
-def lm_loss(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    *,
-    block_size: int,
-    batch_size: int = 32,
-    max_windows: int | None = None,
-    precision: str = "fp32",
-) -> float:
-    """Mean next-token loss (nats/token) over non-overlapping windows of `tokens` — deterministic, no sampling.
-
-    >>> loss = lm_loss(model, shard.tokens, block_size=256, max_windows=640)
-    """
-    starts = window_starts(len(tokens), block_size, max_windows)
-    if len(starts) == 0:
-        raise ValueError(f"need more than {block_size + 1} tokens to evaluate, got {len(tokens)}")
-    was_training = model.training
-    model.eval()
-    offsets = np.arange(block_size + 1)
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(starts), batch_size):
-            idx = starts[i : i + batch_size, None] + offsets  # (b, T+1)
-            chunk = torch.from_numpy(tokens[idx].astype(np.int64))
-            with autocast(precision):
-                _, loss = model(chunk[:, :-1], chunk[:, 1:])
-            total += loss.item() * chunk.size(0)
-            count += chunk.size(0)
-    finally:
-        model.train(was_training)
-    return total / count
 
 
 # --- scorers: token ids in, per-token nats out ---------------------------------------------------------------------

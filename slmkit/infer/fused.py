@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slmkit.infer import kernels
+from slmkit.infer.quantized import QuantLinear
 from slmkit.model.ffn import MoE
 from slmkit.model.gpt import GPT, KVCache
 
@@ -22,8 +23,6 @@ POS_KINDS = {"none": 0, "learned": 1, "sinusoidal": 1, "rope": 2}
 
 
 def _linear(mod: nn.Module) -> kernels.Mat | None:
-    from slmkit.compress.quantize import QuantLinear
-
     if isinstance(mod, QuantLinear):
         return kernels.mat(mod.weight, mod.scale, mod.bias)
     if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.is_contiguous():

@@ -37,11 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from slmkit.errors import SlmError
 from slmkit.fsutil import atomic_dir, write_json
+from slmkit.metrics import bits_per_byte
+from slmkit.sampling import SamplingParams, sample_next
 
 MAX_ORDER = 12
 CHUNK = 1 << 20  # positions scored per vectorised pass: bounds the int64 temporaries to a few tens of MB
@@ -218,8 +221,6 @@ class NgramLM:
 
     def evaluate(self, shard: Any, max_tokens: int | None = None) -> dict[str, float | int]:
         """Loss of a `Shard` (slmkit.data.load_split) in the eval.json "lm" schema: nats/token, perplexity, bpb."""
-        from slmkit.eval.lm import bits_per_byte
-
         if self.tokenizer_sha256 not in (None, shard.tokenizer_sha256):
             raise SlmError(f"split {shard.name!r} was made with another tokenizer than this n-gram model")
         tokens = shard.tokens if max_tokens is None else shard.tokens[: max_tokens + 1]
@@ -267,10 +268,6 @@ class NgramLM:
     ) -> Iterator[int]:
         """Yield new token ids one at a time after `ids` (temperature 0 = greedy); stops after yielding a stop id.
         Same sampling rules as the transformer's engine (temperature, top-k, top-p on log-probabilities)."""
-        import torch
-
-        from slmkit.infer.engine import SamplingParams, sample_next
-
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         if any(not 0 <= int(t) < self.config.vocab_size for t in ids):
             raise SlmError(f"prompt holds token ids outside the model's vocabulary of {self.config.vocab_size}")

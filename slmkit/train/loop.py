@@ -28,8 +28,8 @@ from slmkit import checkpoint
 from slmkit.config import ModelConfig, TrainConfig
 from slmkit.data import load_split, load_tokenizer
 from slmkit.errors import SlmError
-from slmkit.eval.lm import bits_per_byte, lm_loss
 from slmkit.fsutil import write_json
+from slmkit.metrics import bits_per_byte, lm_loss
 from slmkit.model import GPT
 from slmkit.runtime import autocast, resolve_precision, set_threads
 from slmkit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr

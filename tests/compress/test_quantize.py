@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from slmkit.compress import quantize
-from slmkit.compress.quantize import QuantLinear
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.infer import kernels
+from slmkit.infer.quantized import QuantLinear
 from slmkit.model import GPT
 
 

@@ -8,8 +8,9 @@ import pytest
 
 import slmkit.eval
 from slmkit.cli import main
-from slmkit.eval.compare import _has_set, classify, compare, pareto_front, run_recipe
+from slmkit.eval.compare import _has_set, classify, compare, pareto_front
 from slmkit.model.ngram import train_ngram
+from slmkit.recipes.spectrum import run_recipe
 
 
 def test_pareto_front_minimising_both_axes():

@@ -14,8 +14,8 @@ from slmkit.api import LLM
 from slmkit.config import ModelConfig, TrainConfig, parse_duration
 from slmkit.data import load_meta, load_split, prepare
 from slmkit.errors import SlmError
-from slmkit.eval.lm import bits_per_byte, lm_loss
 from slmkit.fsutil import write_bytes
+from slmkit.metrics import bits_per_byte, lm_loss
 from slmkit.runtime import resolve_precision
 from slmkit.train import train
 

@@ -19,8 +19,8 @@ from slmkit import LLM  # noqa: E402
 from slmkit.checkpoint import load  # noqa: E402
 from slmkit.config import ModelConfig  # noqa: E402
 from slmkit.errors import SlmError  # noqa: E402
-from slmkit.export import import_gguf  # noqa: E402
-from slmkit.export.gguf import named_gguf  # noqa: E402
+from slmkit.interop import import_gguf  # noqa: E402
+from slmkit.interop.gguf import named_gguf  # noqa: E402
 from slmkit.model import GPT  # noqa: E402
 from slmkit.tokenizer import Tokenizer  # noqa: E402
 

@@ -116,7 +116,7 @@ def import_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> P
 
     >>> import_hf("SmolLM2-135M-Instruct/", "runs/smollm2-hf")
     """
-    from slmkit.export.gguf import save_imported
+    from slmkit.interop.gguf import save_imported
 
     src = Path(src)
     if not (src / "config.json").exists():

@@ -10,7 +10,7 @@ from conftest import WORDS
 
 from slmkit.checkpoint import load
 from slmkit.errors import SlmError
-from slmkit.export import import_hf
+from slmkit.interop import import_hf
 from slmkit.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
