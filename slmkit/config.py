@@ -10,13 +10,16 @@ field is validated in `__post_init__` with a message naming the field and the al
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+import tomllib
+import types
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Self, get_args
+from typing import Any, Literal, Self, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -42,22 +45,115 @@ def _check(cond: bool, msg: str) -> None:
         raise SlmError(msg)
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+class _BadValue(ValueError):
+    pass
+
+
+def _describe(tp: Any) -> str:
+    """A field type in words, for error messages: 'an integer', 'a number or none', 'one of gelu, swiglu'."""
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in sorted(get_args(tp), key=lambda a: a is type(None)))
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, get_args(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}.get(
+        tp, "a mapping" if get_origin(tp) is dict else "a list" if get_origin(tp) is list else str(tp))
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    """`value` as field type `tp`. Strings are read as text for non-string types (`--set lr=1e-3`, and YAML 1.1, which
+    loads `lr: 1e-3` as the string '1e-3'); anything else must already have the type (a bool is not an integer)."""
+    text = isinstance(value, str)
+    if tp is Any:
+        return value
+    if get_origin(tp) in (Union, types.UnionType):
+        args = get_args(tp)
+        if type(None) in args and (value is None or (text and value.strip().lower() in ("none", "null", "~"))):
+            return None
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):  # numbers before text
+            try:
+                return _convert(arg, value)
+            except _BadValue:
+                continue
+        raise _BadValue
+    if get_origin(tp) is Literal:
+        if value in get_args(tp):
+            return value
+        raise _BadValue
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if text and value.strip().lower() in (*_TRUE, *_FALSE):
+            return value.strip().lower() in _TRUE
+        raise _BadValue
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(value.strip()) if text else _no()
+        except ValueError:
+            raise _BadValue from None
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value.strip()) if text else _no()
+        except ValueError:
+            raise _BadValue from None
+    if tp is str:
+        if text:
+            return value
+        raise _BadValue
+    if get_origin(tp) in (dict, list):
+        parsed = yaml.safe_load(value) if text else value
+        if isinstance(parsed, get_origin(tp)):
+            return parsed
+        raise _BadValue
+    raise _BadValue
+
+
+def _no() -> Any:
+    raise _BadValue
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls) if f.init}
+
+
+def convert_field(cls: type, name: str, value: Any, *, origin: str = "") -> Any:
+    """`value` converted to the declared type of `cls.name`; a wrong type is a one-line error naming the field."""
+    types_ = _field_types(cls)
+    if name not in types_:
+        raise SlmError(f"unknown {cls.__name__} field {name!r}; known: {', '.join(sorted(types_))}")
+    try:
+        return _convert(types_[name], value)
+    except _BadValue:
+        where = f"{origin}: " if origin else ""
+        raise SlmError(f"{where}{cls.__name__}.{name} takes {_describe(types_[name])}, not {value!r}") from None
+
+
 class _Serializable:
-    """Dict/YAML round-trip shared by the config dataclasses; unknown keys are an error, not silently dropped."""
+    """Dict/YAML/TOML round-trip shared by the config dataclasses: values are converted to each field's declared type
+    (a wrong type names the field); unknown keys are an error, not silently dropped."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.init}  # type: ignore[arg-type]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Self:
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    def from_dict(cls, d: dict[str, Any], *, origin: str = "") -> Self:
+        d = {k: v for k, v in d.items() if k != "derived"}  # written by to_dict for the record; recomputed here
+        known = set(_field_types(cls))
         unknown = sorted(set(d) - known)
         if unknown:
             raise SlmError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls(**{k: convert_field(cls, k, v, origin=origin) for k, v in d.items()})
 
     def replace(self, **overrides: Any) -> Self:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again; derived fields are derived again)."""
         return self.from_dict({**self.to_dict(), **overrides})
 
     def save(self, path: str | Path) -> None:
@@ -69,18 +165,26 @@ class _Serializable:
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
+        """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file of field: value."""
         path = Path(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise SlmError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SlmError(f"cannot read config {path}: {e}") from None
         try:
-            d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            if path.suffix == ".json":
+                d = json.loads(text)
+            elif path.suffix == ".toml":
+                d = tomllib.loads(text)
+            else:
+                d = yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as e:
             raise SlmError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise SlmError(f"config {path} must hold a mapping of field: value")
-        return cls.from_dict(d)
+        return cls.from_dict(d, origin=str(path))
 
 
 @dataclass
@@ -126,6 +230,9 @@ class ModelConfig(_Serializable):
     share_mlp: bool = False  # one FFN module used by every block (MobiLlama)
     share_blocks: int = 0  # >0: this many unique blocks, cycled over the n_layer layers (layer i uses block i % n)
     lowrank: int = 0  # >0: attention and MLP projections factorised as rank-r products (W ≈ B·A)
+    # fields given as None and computed from the others (n_kv_head, mlp_hidden): to_dict() writes them back as None,
+    # so a changed n_embd or n_head derives them again instead of carrying a stale value into the copy
+    _derived: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, kind in (("mlp", Mlp), ("norm", Norm), ("pos", Pos), ("attention", AttentionKind)):
@@ -138,8 +245,10 @@ class ModelConfig(_Serializable):
             f"ModelConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (try n_head in "
             f"{[h for h in range(1, 33) if self.n_embd % h == 0][-4:]})",
         )
+        derived = []
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+            derived.append("n_kv_head")
         _check(
             self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
             f"ModelConfig.n_kv_head={self.n_kv_head} must be a positive divisor of n_head={self.n_head}",
@@ -148,6 +257,8 @@ class ModelConfig(_Serializable):
                f"ModelConfig: pos='rope' needs an even head_dim, got {self.head_dim}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 32 * math.ceil(8 * self.n_embd / 3 / 32)
+            derived.append("mlp_hidden")
+        self._derived = tuple(derived)
         _check(self.mlp_hidden > 0, f"ModelConfig.mlp_hidden={self.mlp_hidden} must be positive")
         _check(0.0 <= self.dropout < 1.0, f"ModelConfig.dropout={self.dropout} must be in [0, 1)")
         _check(self.norm_eps > 0 and self.init_std > 0, "ModelConfig.norm_eps and init_std must be positive")
@@ -191,6 +302,15 @@ class ModelConfig(_Serializable):
             lo = min(self.n_embd, self.mlp_hidden)
             _check(self.lowrank < lo, f"ModelConfig.lowrank={self.lowrank} must be < min(n_embd, mlp_hidden)={lo}: "
                                       f"a factorisation that is not smaller than the layer saves nothing")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as given (derived ones as None) plus a "derived" record of the values they resolved to."""
+        d = super().to_dict()
+        for name in self._derived:
+            d[name] = None
+        if self._derived:
+            d["derived"] = {name: getattr(self, name) for name in self._derived}
+        return d
 
     @property
     def head_dim(self) -> int:
@@ -296,7 +416,7 @@ class TrainConfig(_Serializable):
     batch_size: int = 32
     grad_accum: int = 1
     max_steps: int | None = None
-    max_time: float | None = None  # seconds of training (evaluation and checkpoint time not counted)
+    max_time: float | str | None = None  # seconds of training, or a duration: "90s", "5m", "1.5h"
     eval_interval: int = 100
     eval_batches: int = 20
     ckpt_interval: int = 500
@@ -330,14 +450,16 @@ class TrainConfig(_Serializable):
 
 
 def coerce_overrides(cls: type, pairs: list[str]) -> dict[str, Any]:
-    """Parse `field=value` strings (from `--set`) into typed values for dataclass `cls` using YAML scalars."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
+    """Parse `field=value` strings (from `--set`) into values of each field's declared type (int, float, bool, str,
+    Literal choices, optional: `none`). A wrong type is a one-line error naming the field and the expected type.
+
+    >>> coerce_overrides(TrainConfig, ["lr=1e-3", "max_steps=none", "compile=true"])
+    {'lr': 0.001, 'max_steps': None, 'compile': True}
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SlmError(f"--set expects field=value, got {pair!r}")
-        if key not in names:
-            raise SlmError(f"unknown {cls.__name__} field {key!r}; known: {', '.join(sorted(names))}")
-        out[key] = yaml.safe_load(value)
+        out[key.strip()] = convert_field(cls, key.strip(), value, origin=f"--set {pair}")
     return out
