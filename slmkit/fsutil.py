@@ -53,7 +53,9 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success it is renamed to `final`, on error removed.
 
-    The rename is the commit point: a reader either sees no `final` or a complete one.
+    The rename is the commit point: a reader either sees no `final` or a complete one. An existing `final` is replaced
+    only when it is empty, or with `overwrite` when it holds a meta.json (slmkit wrote it: `slmkit.run.check_out` is
+    the full check, made by every stage before it starts; this one is the last line of defence).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -65,16 +67,18 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             if f.is_file():  # some writers (safetensors' save_file) make 0600 files: a finished artifact is shareable
                 f.chmod(0o666 & ~mask)
-        if final.exists():
+        if final.exists() and (final.is_file() or any(final.iterdir())):
             if not overwrite:
                 raise FileExistsError(final)
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+            if not (final / "meta.json").exists():
+                raise FileExistsError(f"refusing to replace {final}: it holds no meta.json, so slmkit did not write it")
+            # out of the way under a fresh name (never one a user could own), then the new one in, then delete
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # rename(2) replaces an empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

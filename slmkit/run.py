@@ -50,12 +50,10 @@ def lineage(parent: str | Path | None, recipe: dict[str, Any]) -> dict[str, Any]
     if parent is None:
         return {"parent": None, "recipe": recipe}
     p = Path(parent).resolve()
-    if p.is_dir():
-        meta_file = p / "meta.json"
-        digest = hashlib.sha256(meta_file.read_bytes()).hexdigest() if meta_file.exists() else None
-        ref = {"path": str(p), "kind": kind_of(p), "meta_sha256": digest}
-    else:
-        ref = {"path": str(p)}
+    ref: dict[str, Any] = {"path": str(p)}
+    kind = kind_of(p) if p.is_dir() else None
+    if kind is not None:  # an slmkit directory: pinned by its meta.json, which records its own inputs' hashes
+        ref.update(kind=kind, meta_sha256=hashlib.sha256((p / "meta.json").read_bytes()).hexdigest())
     return {"parent": ref, "recipe": recipe}
 
 

@@ -43,17 +43,28 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_dir_replaces_only_when_asked(tmp_path: Path) -> None:
+def test_atomic_dir_replaces_only_when_asked_and_only_slmkit_dirs(tmp_path: Path) -> None:
     final = tmp_path / "ckpt"
     final.mkdir()
     (final / "old").write_text("old")
+    (tmp_path / ".ckpt.old").mkdir()  # a name the old implementation used as scratch and deleted
     with pytest.raises(FileExistsError), atomic_dir(final) as tmp:
         (tmp / "new").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (final / "old").exists()
+    with pytest.raises(FileExistsError, match="no meta.json"), atomic_dir(final, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.old", "ckpt"] and (final / "old").exists()
+    (final / "meta.json").write_text("{}")
     with atomic_dir(final, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert [p.name for p in final.iterdir()] == ["new"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.old", "ckpt"]
+
+
+def test_atomic_dir_fills_an_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "out/x").read_text() == "x"
 
 
 def test_write_bytes_is_atomic_with_normal_mode(tmp_path: Path, umask_022) -> None:

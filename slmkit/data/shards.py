@@ -19,7 +19,6 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,10 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
+from slmkit import run
 from slmkit.data.corpora import BUILTIN_CORPORA, Document, iter_documents, source_files, split_documents
 from slmkit.errors import SlmError
-from slmkit.fsutil import atomic_dir, sha256_file, write_json
+from slmkit.fsutil import atomic_dir, sha256_file
 from slmkit.tokenizer import Tokenizer
 
 FORMAT = "slmkit-shards/1"
@@ -74,13 +74,13 @@ def prepare(
     PosixPath('data/shakespeare-bpe4k')
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlmError(f"{out} already exists; pass --overwrite or choose another --out")
+    corpus = BUILTIN_CORPORA.get(source)
+    tok_path = tokenizer if isinstance(tokenizer, Path) or _is_path(tokenizer) else None
+    run.check_out(out, overwrite=overwrite, inputs=tuple(p for p in (None if corpus else source, tok_path) if p))
     if dtype is not None and dtype not in DTYPES:
         raise SlmError(f"dtype={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
     if not 0 < val_fraction < 1:
         raise SlmError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.1)")
-    corpus = BUILTIN_CORPORA.get(source)
     extra = list(corpus.extra) if corpus else []
     # Resolving the files first reports a bad source before any tokenizer training.
     files = [path for split in (None, *extra) for path, _ in source_files(source, split)]
@@ -95,8 +95,8 @@ def prepare(
         atomic_dir(out, overwrite=overwrite) as tmp,
     ):
         total = sum(p.stat().st_size for p in files)
-        if isinstance(tokenizer, Path) or tokenizer.endswith(".json") or "/" in tokenizer or os.sep in tokenizer:
-            tok = Tokenizer.load(tokenizer)
+        if tok_path is not None:
+            tok = Tokenizer.load(tok_path)
         else:
             task = bar.add_task(f"training {tokenizer} tokenizer", total=None)  # reads only part of `files`
             if tokenizer == "char":
@@ -130,22 +130,27 @@ def prepare(
                     f"{source}: the {split} split is empty ({n} document(s) in all); add more text or files, "
                     f"or change --val-fraction (now {val_fraction})"
                 )
-        write_json(tmp / "meta.json", {
-            "format": FORMAT,
-            "source": source,
+        run.write_meta(tmp, run.new_meta(
+            "data", parent=None if corpus else source,
+            recipe={"source": source, "tokenizer": str(tokenizer), "val_fraction": val_fraction, "seed": seed},
+            format=FORMAT,
+            source=source,
             **({"package": f"{corpus.dist}=={importlib.metadata.version(corpus.dist)}"} if corpus else {}),
-            "dtype": dtype,
-            "bos_convention": "bos-prefix",  # every document is [bos_id] + encode(text)
-            "tokenizer": {"spec": tok.spec, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                          "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "splits": splits,
-            "sources": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
-            "versions": {v: importlib.metadata.version(v) for v in ("slmkit", "tokenizers", "numpy")},
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+            dtype=dtype,
+            bos_convention="bos-prefix",  # every document is [bos_id] + encode(text)
+            tokenizer={"spec": tok.spec, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                       "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
+            seed=seed,
+            val_fraction=val_fraction,
+            splits=splits,
+            sources=[{"path": str(p), "sha256": sha256_file(p)} for p in files],
+        ))
     return out
+
+
+def _is_path(tokenizer: str) -> bool:
+    """A tokenizer spec that names a tokenizer.json file rather than a kind to train."""
+    return tokenizer.endswith(".json") or "/" in tokenizer or os.sep in tokenizer
 
 
 def _choose_dtype(vocab_size: int, dtype: str | None) -> str:
@@ -209,17 +214,17 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
     data_dir = Path(data_dir)
     path = data_dir / "meta.json"
     if not data_dir.is_dir():
-        raise SlmError(f"data directory {data_dir} does not exist; create it with `slm prepare`")
+        raise SlmError(f"data directory {data_dir} does not exist; create it with `slm data prepare`")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SlmError(f"{data_dir} has no meta.json: not a prepared data directory (create one with `slm prepare`)") \
-            from None
+        raise SlmError(f"{data_dir} has no meta.json: not a prepared data directory (create one with "
+                       "`slm data prepare`)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SlmError(f"{path} is corrupt (not JSON); re-run `slm prepare`") from None
+        raise SlmError(f"{path} is corrupt (not JSON); re-run `slm data prepare`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise SlmError(f"{path}: format {fmt!r} is not {FORMAT!r}; re-run `slm prepare`")
+        raise SlmError(f"{path}: format {fmt!r} is not {FORMAT!r}; re-run `slm data prepare`")
     return meta
 
 
@@ -238,7 +243,7 @@ def load_split(data_dir: str | Path, split: str = "train") -> Shard:
         found = "is missing" if size is None else f"has {size:,} bytes"
         raise SlmError(
             f"{path} {found} but meta.json records {info['tokens']:,} {meta['dtype']} tokens ({expected:,} bytes): "
-            "the shard is truncated or corrupt; re-run `slm prepare`"
+            "the shard is truncated or corrupt; re-run `slm data prepare`"
         )
     tok = meta["tokenizer"]
     tokens = np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slmkit import checkpoint, run
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.fsutil import sha256_file
@@ -199,16 +200,14 @@ def save_imported(
     *, overwrite: bool = False,
 ) -> Path:
     """Check that `sd` fits `cfg` exactly, then write it as a checkpoint directory at `out` (atomically)."""
-    from slmkit import checkpoint
-    from slmkit.versions import versions
-
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlmError(f"{out} already exists; choose another --out or pass --overwrite")
+    run.check_out(out, overwrite=overwrite, inputs=(source["source"],))
     if tok.vocab_size > cfg.vocab_size:
         raise SlmError(f"tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
     model = checkpoint.model_from_state_dict(cfg, sd, f"imported from {source.get('source')}")
-    meta = {"model_class": "imported", "imported": source, "params": model.num_params(), "versions": versions()}
+    meta = run.new_meta("import", parent=source["source"], model_class="imported",
+                        recipe={"format": source.get("format"), "sha256": source.get("sha256")},
+                        imported=source, params=model.num_params())
     return checkpoint.save(out, model, tok, meta)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from slmkit import run
 from slmkit.api import LLM
 from slmkit.config import ModelConfig, TrainConfig, parse_duration
 from slmkit.data import load_meta, load_split, prepare
@@ -39,10 +40,12 @@ def quickstart(
     """Run the quickstart into `out` (a previous quickstart there is replaced) and return the report path."""
     out = Path(out)
     console = Console()
-    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
-        raise SlmError(f"{out} exists and is not a run directory; choose another --out")
     seconds = parse_duration(max_time)
     data_dir = out.parent / f"{out.name}-data"
+    # a previous quickstart's run and data are replaced; anything else there is refused before any work
+    run.check_out(out, overwrite=True)
+    if not _reusable(data_dir, corpus, tokenizer):
+        run.check_out(data_dir, overwrite=True)
     if _reusable(data_dir, corpus, tokenizer):
         console.print(f"[dim]reusing prepared data {data_dir}[/]")
     else:

@@ -1,7 +1,8 @@
 """The training loop, written out: build → loop { batch, forward, backward, clip, step, schedule, eval, checkpoint }.
 
 Run directory:
-    out/meta.json           inputs (data, model and train config, versions) + status/result, rewritten atomically
+    out/meta.json           the run contract (slmkit.run): kind "train", lineage (the data it was trained on + the
+                            recipe), model and train config, versions, eval sample, resumes, status/result
     out/metrics.jsonl       one record per log/eval step
     out/loss.png            loss curves
     out/checkpoints/step_N/ see slmkit.checkpoint
@@ -17,24 +18,21 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from slmkit import checkpoint
+from slmkit import checkpoint, run
 from slmkit.config import ModelConfig, TrainConfig
 from slmkit.data import load_split, load_tokenizer
 from slmkit.errors import SlmError
-from slmkit.fsutil import write_json
 from slmkit.metrics import bits_per_byte, lm_loss
 from slmkit.model import GPT
 from slmkit.runtime import autocast, resolve_precision, set_threads
 from slmkit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from slmkit.train.report import plot_metrics
-from slmkit.versions import versions
 
 
 class Batcher:
@@ -110,7 +108,7 @@ class TrainResult:
     run_dir: Path
     step: int
     tokens: int
-    train_time: float
+    train_time: float  # seconds of optimisation (forward, backward, step); what tokens_per_s divides by
     tokens_per_s: float
     train_loss: float
     val_loss: float
@@ -118,6 +116,9 @@ class TrainResult:
     num_params: int
     status: str
     first_step_time: float = 0.0  # seconds of the first step of this invocation: one-off warm-up, incl. any compile
+    eval_time: float = 0.0  # seconds spent scoring the val split (this invocation)
+    ckpt_time: float = 0.0  # seconds spent writing checkpoints (this invocation)
+    wall_time: float = 0.0  # seconds of this invocation, start to finish: set-up, training, evaluation, checkpoints
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -130,6 +131,57 @@ def _progress_bar(enabled: bool) -> Any:
         TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
         disable=not (enabled and console.is_terminal),  # logs and pipes get the eval lines, not bar redraws
     )
+
+
+EVAL_SHARE = 0.1  # auto evaluation aims at <= this share of the training compute
+FINAL_EVAL_FACTOR = 4  # the final evaluation scores this many times the windows of a periodic one
+
+
+def _resumed_config(out: Path, saved: TrainConfig, given: TrainConfig | None, step: int,
+                    train_time: float) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config a resumed run continues with: the saved one, with only TrainConfig.RESUMABLE fields changed (and a
+    budget that goes past where the run stands). Returns it and the changed fields."""
+    given = given or saved
+    old, new = saved.to_dict(), given.to_dict()
+    changed = {k: new[k] for k in new if new[k] != old[k]}
+    fixed = sorted(set(changed) - set(TrainConfig.RESUMABLE))
+    if fixed:
+        what = ", ".join(f"{k} ({old[k]!r} → {new[k]!r})" for k in fixed)
+        raise SlmError(f"{out}: {what} cannot change on resume (it is part of the run's recipe); only "
+                       f"{', '.join(TrainConfig.RESUMABLE)} can. Start a new run to change it")
+    if given.max_steps is not None and given.max_steps <= step:
+        raise SlmError(f"{out} is at step {step}: --max-steps {given.max_steps} does not go past it; give a larger one")
+    if given.max_time is not None and given.max_time <= train_time:
+        raise SlmError(f"{out} has trained for {train_time:.0f}s: --max-time {given.max_time:.0f}s does not go past "
+                       f"it; give a longer one")
+    return given, changed
+
+
+def _auto_eval_windows(tc: TrainConfig, model: GPT, val_tokens: np.ndarray, block: int, precision: str) -> int:
+    """Windows per periodic evaluation for eval_windows="auto": the cap (eval_batches × batch_size), fewer when the
+    evaluations of the whole run would cost more than EVAL_SHARE of its training compute. A forward pass costs about
+    a third of a training step per token, so the evaluations may score up to 3·EVAL_SHARE × the training tokens. For a
+    time budget the training tokens are estimated from a timed forward pass of one batch (a training token ≈ 3x)."""
+    cap = tc.eval_batches * tc.batch_size
+    tokens_per_step = tc.batch_size * tc.grad_accum * block
+    expected = []
+    if tc.max_steps:
+        expected.append(tc.max_steps * tokens_per_step)
+    if tc.max_time:
+        x = torch.from_numpy(val_tokens[: min(len(val_tokens) - 1, tc.batch_size * block)].astype(np.int64))
+        x = x[: len(x) // block * block].view(-1, block) if len(x) >= block else x[None]
+        with torch.no_grad(), autocast(precision):
+            model.eval()
+            model(x)  # warm-up: first calls pay one-off costs
+            t0 = time.perf_counter()
+            model(x)
+            fwd_tps = x.numel() / max(time.perf_counter() - t0, 1e-9)
+            model.train()
+        expected.append(tc.max_time * fwd_tps / 3)
+    train_tokens = min(expected)
+    n_evals = 1 + FINAL_EVAL_FACTOR + int(train_tokens / tokens_per_step) // tc.eval_interval
+    affordable = int(3 * EVAL_SHARE * train_tokens / (n_evals * block))
+    return max(min(8, cap), min(cap, affordable))
 
 
 def train(
@@ -147,33 +199,36 @@ def train(
     >>> train("runs/data/shk", "runs/shk-small", ModelConfig.preset("llama-3m"), TrainConfig(max_time=300))
     >>> train(None, "runs/shk-small", resume=True)   # continue exactly where it stopped
 
-    On resume, configs come from the run; a given `train_config` replaces the saved one (e.g. a larger budget).
+    On resume, the model, data and train config come from the run; a given `train_config` may change only its budget
+    and threads (TrainConfig.RESUMABLE: a longer max_time/max_steps), and the change is recorded in meta.json.
+    `overwrite` replaces an existing `out` only if slmkit wrote it (slmkit.run.check_out).
     """
+    wall_t0 = time.perf_counter()
     out = Path(out)
     # --- decide everything above the loop -------------------------------------------------------------------------
     resume_from: Path | None = None
+    changed: dict[str, Any] = {}
+    replace = False
     if resume:
-        if model_config is not None:
-            raise SlmError("the architecture of a run cannot change on resume; drop the model config")
-        if not (out / "meta.json").exists():
-            raise SlmError(f"cannot resume: {out} is not a run directory (no meta.json)")
-        run_meta = checkpoint.read_json(out / "meta.json")
+        if model_config is not None or data is not None:
+            raise SlmError("a resumed run keeps its model and data; drop the model config and data")
+        run_meta = run.read_meta(out, kinds=("train",))
+        ckpts = checkpoint.list_checkpoints(out)
+        if not ckpts:
+            raise SlmError(f"cannot resume {out}: it has no checkpoint yet (it stopped before its first one); "
+                           f"start it again with --overwrite")
+        resume_from = ckpts[-1]
         data = Path(run_meta["data"])
         model_config = ModelConfig.from_dict(run_meta["model"])
         saved = TrainConfig.from_dict(run_meta["train"])
-        train_config = train_config or saved
-        if train_config.optimizer != saved.optimizer:
-            raise SlmError(f"{out} trained with --optimizer {saved.optimizer}; its optimizer state cannot continue as "
-                           f"{train_config.optimizer}. Resume with --optimizer {saved.optimizer}, or start a new run")
-        ckpts = checkpoint.list_checkpoints(out)
-        resume_from = ckpts[-1] if ckpts else None
+        opt_state, state = checkpoint.load_train_state(resume_from)
+        tc, changed = _resumed_config(out, saved, train_config, state["step"], state["train_time"])
     else:
         if data is None:
             raise SlmError("give the prepared data directory (--data), e.g. from `slm data prepare`")
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise SlmError(f"{out} already exists; resume it with --resume, pass --overwrite, or choose another --out")
-        train_config = train_config or TrainConfig()
-    if train_config.max_steps is None and train_config.max_time is None:
+        replace = run.check_out(out, overwrite=overwrite, inputs=(data,))
+        tc = train_config or TrainConfig()
+    if tc.max_steps is None and tc.max_time is None:
         raise SlmError("give a budget: --max-steps N and/or --max-time 5m")
     data = Path(data)
     train_shard, val_shard = load_split(data, "train"), load_split(data, "val")
@@ -181,7 +236,6 @@ def train(
         raise SlmError(f"{data} was re-prepared with another tokenizer since {out} started; resume needs the original")
     tokenizer = load_tokenizer(data)
     model_config = (model_config or ModelConfig()).replace(vocab_size=tokenizer.vocab_size)
-    tc = train_config
     threads = set_threads(tc.threads)
     precision = resolve_precision(tc.precision)
     T = model_config.block_size
@@ -193,34 +247,51 @@ def train(
     step, tokens_seen, train_time = 0, 0, 0.0
     if resume_from is not None:
         checkpoint.load_weights(model, resume_from / "model.safetensors")
-        opt_state, state = checkpoint.load_train_state(resume_from)
         optimizer.load_state_dict(opt_state["optimizer"])
         torch.set_rng_state(opt_state["torch_rng"])
         batcher.load_state(state["batcher"])
         step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time"]
     forward = torch.compile(model) if tc.compile else model
 
-    if overwrite and not resume and out.exists():
+    # the number of windows each evaluation scores is chosen once and kept for the run's life (resumes included), so
+    # every point of the val curve is measured on the same text
+    if resume and "eval" in run_meta:
+        eval_windows = run_meta["eval"]["windows"]
+    elif tc.eval_windows == "all":
+        eval_windows = None
+    elif tc.eval_windows == "auto":
+        eval_windows = _auto_eval_windows(tc, model, val_shard.tokens, T, precision)
+        torch.manual_seed(tc.seed)  # the timing forward drew no random numbers, but keep the run's stream exact
+    else:
+        eval_windows = tc.eval_windows
+
+    if replace:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    run_meta = {
-        "kind": "slmkit-run/1",
-        "data": str(data.resolve()),
-        "data_meta": {"tokenizer_sha256": train_shard.tokenizer_sha256, "bytes_per_token": val_shard.bytes_per_token},
-        "model": model_config.to_dict(),
-        "train": tc.to_dict(),
-        "runtime": {"threads": threads, "precision": precision},
-        "params": {"total": model.num_params(), "non_embedding": model.num_params(non_embedding=True),
-                   "active": model.num_params(active=True), "flops_per_token": model.flops_per_token()},
-        "versions": versions(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "status": "running",
-    }
-    write_json(out / "meta.json", run_meta)
+    if resume:
+        run_meta["train"] = tc.to_dict()
+        run_meta["runtime"] = {"threads": threads, "precision": precision}
+        run_meta.setdefault("resumes", []).append({"step": step, "changed": changed, "at": run.now()})
+        run_meta["status"] = "running"
+    else:
+        run_meta = run.new_meta(
+            "train", parent=data, model_class="moe" if model_config.moe_experts else "dense",
+            recipe={"model": model_config.to_dict(), "train": tc.to_dict()},
+            data=str(data.resolve()),
+            data_meta={"tokenizer_sha256": train_shard.tokenizer_sha256,
+                       "bytes_per_token": val_shard.bytes_per_token},
+            model=model_config.to_dict(), train=tc.to_dict(),
+            runtime={"threads": threads, "precision": precision},
+            params={"total": model.num_params(), "non_embedding": model.num_params(non_embedding=True),
+                    "active": model.num_params(active=True), "flops_per_token": model.flops_per_token()},
+            eval={"windows": eval_windows, "final_windows": None if eval_windows is None else
+                  eval_windows * FINAL_EVAL_FACTOR, "block_size": T},
+            status="running",
+        )
+    run.write_meta(out, run_meta)
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
 
     tokens_per_step = tc.batch_size * tc.grad_accum * T
-    eval_windows = tc.eval_batches * tc.batch_size
 
     def progress_of(step: int, train_time: float) -> float:
         p = 0.0
@@ -231,19 +302,20 @@ def train(
         return p
 
     def evaluate(final: bool = False) -> tuple[float, float]:
-        # fixed, evenly spread windows (no sampling noise between evals); the final eval reads 4x as many. Eager even
-        # with --compile: each new eval batch shape would cost another compile
-        loss = lm_loss(model, val_shard.tokens, block_size=T, batch_size=tc.batch_size,
-                       max_windows=eval_windows * (4 if final else 1), precision=precision)
+        # fixed, evenly spread windows (the same text at every eval); the final eval reads FINAL_EVAL_FACTOR x as
+        # many. Eager even with --compile: each new eval batch shape would cost another compile
+        windows = None if eval_windows is None else eval_windows * (FINAL_EVAL_FACTOR if final else 1)
+        loss = lm_loss(model, val_shard.tokens, block_size=T, batch_size=tc.batch_size, max_windows=windows,
+                       precision=precision)
         return loss, bits_per_byte(loss, val_shard.bytes_per_token)
 
     def save_checkpoint(val: tuple[float, float] | None) -> None:
         meta = {
-            "step": step, "tokens": tokens_seen, "train_time": round(train_time, 3),
+            "kind": "checkpoint", "step": step, "tokens": tokens_seen, "train_time": round(train_time, 3),
             "val_loss": val[0] if val else None, "val_bpb": val[1] if val else None,
             "data": run_meta["data"], "data_meta": run_meta["data_meta"], "train": tc.to_dict(),
-            "params": run_meta["params"], "versions": run_meta["versions"],
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model_class": run_meta.get("model_class"), "params": run_meta["params"],
+            "versions": run_meta["versions"], "created": run.now(),
         }
         checkpoint.save(
             checkpoint.step_dir(out, step), model, tokenizer, meta,
@@ -258,8 +330,10 @@ def train(
     bar = _progress_bar(progress)
     task = bar.add_task("", total=1.0)
     last_loss, last_val, status = float("nan"), None, "finished"
-    first_step_time = 0.0
-    window_t, window_tokens = time.perf_counter(), 0
+    first_step_time = eval_time = ckpt_time = 0.0
+    window_time, window_tokens = 0.0, 0  # optimisation time and tokens since the last log record (no eval in it)
+    loss_sum = torch.zeros(())  # this step's micro-batch losses, summed without a sync
+    grad_norm: torch.Tensor | None = None
     model.train()
     with stop.installed(), bar:
         start_step = step
@@ -271,44 +345,52 @@ def train(
             if stop.requested:
                 done, status = True, "interrupted"
             if step % tc.eval_interval == 0 or done:
+                t0 = time.perf_counter()
                 last_val = evaluate(final=done)
+                eval_time += time.perf_counter() - t0
                 log.write({"step": step, "tokens": tokens_seen, "time": round(train_time, 3),
                            "val_loss": last_val[0], "val_bpb": last_val[1]})
                 bar.console.print(f"step {step}: val loss {last_val[0]:.4f} nats/token, {last_val[1]:.4f} bpb")
             if step > start_step and (step % tc.ckpt_interval == 0 or done):
+                t0 = time.perf_counter()
                 save_checkpoint(last_val)
+                ckpt_time += time.perf_counter() - t0
             if done:
                 break
 
             t0 = time.perf_counter()
             lr = lr_at(tc, step, progress_of(step, train_time))
             set_lr(optimizer, tc, lr)
+            loss_sum.zero_()
             for _ in range(tc.grad_accum):
                 x, y = batcher.next()
                 with autocast(precision):
                     _, loss = forward(x, y)
                 aux = model.aux_loss  # MoE load balancing (None when dense): trained on, never reported as the loss
                 ((loss if aux is None else loss + aux) / tc.grad_accum).backward()
-            if tc.grad_clip > 0:
-                clip_gradients(optimizer, tc.grad_clip)
+                loss_sum += loss.detach()
+            grad_norm = clip_gradients(optimizer, tc.grad_clip) if tc.grad_clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             if step % tc.log_interval == 0:
-                last_loss = loss.item()  # the only sync with the loss: once per log interval
+                last_loss = loss_sum.item() / tc.grad_accum  # the only sync with the loss: once per log interval
                 if not math.isfinite(last_loss):
                     raise SlmError(f"loss became {last_loss} at step {step}; lower --lr or enable grad_clip")
-            train_time += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            train_time += dt
+            window_time += dt
             if step == start_step + 1:
-                first_step_time = time.perf_counter() - t0
+                first_step_time = dt
             if step % tc.log_interval == 0:
-                now = time.perf_counter()
-                tps = window_tokens / (now - window_t)
-                window_t, window_tokens = now, 0
+                tps = window_tokens / max(window_time, 1e-9)
+                window_time, window_tokens = 0.0, 0
                 rec = {"step": step, "tokens": tokens_seen, "time": round(train_time, 3), "lr": lr,
                        "loss": last_loss, "tok_per_s": round(tps)}
+                if grad_norm is not None:
+                    rec["grad_norm"] = round(float(grad_norm), 4)  # before clipping
                 moe = model.moe_stats()  # None when dense; else routing of the last micro-batch, per layer
                 if moe is not None:
                     rec.update(expert_util=moe["expert_util"], moe_aux=moe["aux"], moe_dropped=moe["dropped"])
@@ -318,14 +400,15 @@ def train(
                            description=f"step {step} loss {last_loss:.3f}{val_txt} {tps:,.0f} tok/s")
     log.close()
     if last_loss != last_loss:  # never logged (very short run): one sync now
-        last_loss = loss.item() if step > start_step else float("nan")
+        last_loss = loss_sum.item() / tc.grad_accum if step > start_step else float("nan")
     plot_metrics(log.records, out / "loss.png", bytes_per_token=val_shard.bytes_per_token)
     result = TrainResult(
         run_dir=out, step=step, tokens=tokens_seen, train_time=train_time,
         tokens_per_s=tokens_seen / train_time if train_time else 0.0, train_loss=last_loss,
         val_loss=last_val[0], val_bpb=last_val[1], num_params=model.num_params(), status=status,
-        first_step_time=first_step_time,
+        first_step_time=first_step_time, eval_time=eval_time, ckpt_time=ckpt_time,
+        wall_time=time.perf_counter() - wall_t0,
     )
     run_meta.update(status=status, result={k: v for k, v in result.__dict__.items() if k != "run_dir"})
-    write_json(out / "meta.json", run_meta)
+    run.write_meta(out, run_meta)
     return result

@@ -54,7 +54,10 @@ def test_byte_shards_hold_bos_prefixed_documents(corpus: Path, tmp_path: Path) -
             shard.tokens[0] = 1  # read-only
     assert [s["path"] for s in meta["sources"]] == [str(corpus / n) for n in sorted(DOCS)]
     assert meta["sources"][0]["sha256"] == hashlib.sha256(DOCS["doc0.txt"].encode()).hexdigest()
-    assert set(meta["versions"]) == {"slmkit", "tokenizers", "numpy"} and meta["created"].startswith("20")
+    assert {"slmkit", "tokenizers", "numpy"} <= set(meta["versions"]) and meta["created"].startswith("20")
+    assert meta["kind"] == "data" and meta["lineage"]["parent"]["path"] == str(corpus.resolve())
+    assert meta["lineage"]["recipe"] == {"stage": "data", "source": str(corpus), "tokenizer": "byte",
+                                         "val_fraction": meta["val_fraction"], "seed": 0}
 
 
 @pytest.mark.parametrize("spec", ["char", "bpe:300"])
@@ -127,16 +130,22 @@ def test_failure_mid_prepare_leaves_nothing(corpus: Path, tmp_path: Path, spec: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no out dir, no temp dir
 
 
-def test_overwrite(corpus: Path, tmp_path: Path) -> None:
+def test_overwrite_replaces_only_prepared_data(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "data"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(SlmError) as e:
         prepare(str(corpus), "byte", out, progress=False)
-    assert str(e.value) == f"{out} already exists; pass --overwrite or choose another --out"
+    assert str(e.value) == f"{out} already exists; pass --overwrite to replace it, or choose another --out"
+    with pytest.raises(SlmError, match="not written by slmkit"):  # a directory of someone's files: never deleted
+        prepare(str(corpus), "byte", out, overwrite=True, progress=False)
     assert (out / "keep.txt").exists()
-    prepare(str(corpus), "byte", out, overwrite=True, val_fraction=0.25, progress=True)  # progress bar path too
-    assert not (out / "keep.txt").exists() and load_split(out, "val").meta["documents"] == 1
+    prepare(str(corpus), "byte", tmp_path / "d2", progress=False)
+    with pytest.raises(SlmError, match="this command reads"):  # its own tokenizer, reused
+        prepare(str(corpus), str(tmp_path / "d2/tokenizer.json"), tmp_path / "d2", overwrite=True, progress=False)
+    (tmp_path / "d2/stale").write_text("x")
+    prepare(str(corpus), "byte", tmp_path / "d2", overwrite=True, val_fraction=0.25, progress=True)  # progress path
+    assert not (tmp_path / "d2/stale").exists() and load_split(tmp_path / "d2", "val").meta["documents"] == 1
 
 
 def test_empty_train_split(tmp_path: Path) -> None:

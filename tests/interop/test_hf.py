@@ -59,3 +59,20 @@ def test_import_hf_bad_inputs(tmp_path):
     with pytest.raises(SlmError, match="truncated or corrupt"):
         import_hf(tmp_path / "hf", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_import_writes_the_run_contract_and_overwrites_only_its_own(tmp_path):
+    _save_tiny_llama(tmp_path / "hf")
+    out = import_hf(tmp_path / "hf", tmp_path / "run")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["kind"] == "import" and meta["model_class"] == "imported"
+    assert meta["lineage"]["parent"] == {"path": str((tmp_path / "hf").resolve())}
+    assert meta["lineage"]["recipe"]["format"] == "hf"
+    with pytest.raises(SlmError, match="already exists"):
+        import_hf(tmp_path / "hf", out)
+    import_hf(tmp_path / "hf", out, overwrite=True)  # its own: replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/todo.txt").write_text("keep me")
+    with pytest.raises(SlmError, match="not written by slmkit"):
+        import_hf(tmp_path / "hf", tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes/todo.txt").read_text() == "keep me"

@@ -87,7 +87,7 @@ def test_bad_runs(tiny_data, tmp_path):
         train(tiny_data, tmp_path / "taken", TINY, cfg())
     with pytest.raises(SlmError, match="give a budget"):
         train(tiny_data, tmp_path / "r", TINY, cfg(max_steps=None))
-    with pytest.raises(SlmError, match="not a run directory"):
+    with pytest.raises(SlmError, match="not an slmkit directory"):
         train(None, tmp_path / "taken", resume=True)
     with pytest.raises(SlmError, match="fewer than one context"):
         train(tiny_data, tmp_path / "r", TINY.replace(block_size=100_000), cfg())
@@ -96,7 +96,7 @@ def test_bad_runs(tiny_data, tmp_path):
 
 def test_resume_with_another_optimizer_is_a_clear_error(tiny_data, tmp_path):
     train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=10, optimizer="muon"), progress=False)
-    with pytest.raises(SlmError, match="trained with --optimizer muon"):
+    with pytest.raises(SlmError, match=r"optimizer \('muon' → 'adamw'\) cannot change on resume"):
         train(None, tmp_path / "run", train_config=cfg(max_steps=20, optimizer="adamw"), resume=True, progress=False)
 
 
@@ -190,7 +190,8 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
     step = int(last.split()[2].rstrip(","))
     assert (tmp_path / f"run/checkpoints/step_{step:06d}/meta.json").exists()
     assert json.loads((tmp_path / "run/meta.json").read_text())["status"] == "interrupted"
-    resumed = train(None, tmp_path / "run", train_config=cfg(max_steps=step + 5, batch_size=4), resume=True,
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "run/meta.json").read_text())["train"])
+    resumed = train(None, tmp_path / "run", train_config=saved.replace(max_steps=step + 5), resume=True,
                     progress=False)
     assert resumed.step == step + 5 and resumed.status == "finished"
 
@@ -206,3 +207,93 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
     b = train(tiny_data, tmp_path / "b", TINY, cfg(max_steps=8, eval_interval=8, compile=True), progress=False)
     assert abs(a.val_loss - b.val_loss) < 1e-3, (a.val_loss, b.val_loss)
     assert b.first_step_time > a.first_step_time > 0
+
+
+# --- resume keeps the recipe; --overwrite only replaces what slmkit wrote --------------------------------------------
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_restart(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=10), progress=False)
+    shutil.rmtree(tmp_path / "run/checkpoints")  # as if killed before its first checkpoint
+    with pytest.raises(SlmError, match="has no checkpoint yet"):
+        train(None, tmp_path / "run", train_config=cfg(max_steps=20), resume=True, progress=False)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_resume_changes_only_the_budget_and_records_it(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_data, run, TINY, cfg(max_steps=10), progress=False)
+    for bad, needle in ((cfg(max_steps=20, lr=1e-2), r"lr \(0.003 → 0.01\) cannot change"),
+                        (cfg(max_steps=20, batch_size=4), "batch_size"),
+                        (cfg(max_steps=10), "step 10: --max-steps 10 does not go past it")):
+        with pytest.raises(SlmError, match=needle):
+            train(None, run, train_config=bad, resume=True, progress=False)
+    res = train(None, run, train_config=cfg(max_steps=15, threads=2), resume=True, progress=False)
+    assert res.step == 15
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["train"]["max_steps"] == 15 and meta["runtime"]["threads"] == 2
+    assert meta["resumes"][0]["step"] == 10 and meta["resumes"][0]["changed"] == {"max_steps": 15, "threads": 2}
+
+
+def test_overwrite_replaces_only_what_slmkit_wrote(tiny_data, tmp_path):
+    foreign = tmp_path / "src"
+    foreign.mkdir()
+    (foreign / "main.py").write_text("print('precious')\n")
+    with pytest.raises(SlmError, match="not written by slmkit"):
+        train(tiny_data, foreign, TINY, cfg(max_steps=2), overwrite=True, progress=False)
+    assert (foreign / "main.py").read_text() == "print('precious')\n"
+    with pytest.raises(SlmError, match=r"reads .* from it"):  # the data it would train on
+        train(tiny_data, tiny_data, TINY, cfg(max_steps=2), overwrite=True, progress=False)
+    assert (tiny_data / "meta.json").exists()
+    train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=2), progress=False)
+    (tmp_path / "run/stale.txt").write_text("from the old run")
+    train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=3), overwrite=True, progress=False)
+    assert not (tmp_path / "run/stale.txt").exists()
+    assert json.loads((tmp_path / "run/meta.json").read_text())["result"]["step"] == 3
+
+
+def test_meta_has_kind_model_class_and_lineage(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "run", TINY, cfg(max_steps=2), progress=False)
+    meta = json.loads((tmp_path / "run/meta.json").read_text())
+    assert meta["kind"] == "train" and meta["model_class"] == "dense"
+    parent = meta["lineage"]["parent"]
+    assert parent["path"] == str(tiny_data.resolve()) and parent["kind"] == "data" and len(parent["meta_sha256"]) == 64
+    assert meta["lineage"]["recipe"]["stage"] == "train" and meta["lineage"]["recipe"]["train"]["max_steps"] == 2
+
+
+# --- evaluation has a bounded cost; the log says what happened -------------------------------------------------------
+
+
+def test_auto_evaluation_is_scaled_to_a_short_budget(tiny_data, tmp_path):
+    """A 3-step run must not spend its time scoring: fewer windows than the cap, the same at every evaluation."""
+    cap = cfg().eval_batches * cfg().batch_size
+    short = train(tiny_data, tmp_path / "s", TINY, cfg(max_steps=3), progress=False)
+    windows = json.loads((tmp_path / "s/meta.json").read_text())["eval"]["windows"]
+    assert 8 <= windows < cap
+    long = train(tiny_data, tmp_path / "l", TINY, cfg(max_steps=400, eval_interval=400, ckpt_interval=400,
+                                                      eval_batches=2), progress=False)
+    assert json.loads((tmp_path / "l/meta.json").read_text())["eval"]["windows"] == 2 * 8  # the cap binds
+    full = train(tiny_data, tmp_path / "a", TINY, cfg(max_steps=3, eval_windows="all"), progress=False)
+    assert json.loads((tmp_path / "a/meta.json").read_text())["eval"]["windows"] is None
+    assert full.val_loss != short.val_loss  # scored on more text
+    for r in (short, long, full):
+        assert r.wall_time >= r.train_time + r.eval_time + r.ckpt_time
+
+
+def test_log_records_mean_micro_batch_loss_grad_norm_and_train_only_tokens_per_s(tiny_data, tmp_path):
+    from slmkit.data import load_split
+    from slmkit.model import GPT
+    from slmkit.train.loop import Batcher
+
+    tc = cfg(max_steps=1, batch_size=4, grad_accum=2, log_interval=1, eval_windows="all")
+    train(tiny_data, tmp_path / "run", TINY, tc, progress=False)
+    rec = next(json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if '"loss"' in x)
+    torch.manual_seed(tc.seed)
+    model = GPT(TINY.replace(vocab_size=int(load_split(tiny_data, "train").vocab_size)))
+    batcher = Batcher(load_split(tiny_data, "train").tokens, 4, TINY.block_size, tc.seed)
+    losses = [model(*batcher.next())[1].item() for _ in range(2)]
+    assert losses[0] != losses[1]
+    assert rec["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)  # was the last micro-batch's
+    assert rec["grad_norm"] > 0
+    # the first log window holds the step-0 evaluation of the whole split; tokens/s must not count it
+    assert rec["tok_per_s"] == pytest.approx(rec["tokens"] / rec["time"], rel=0.05)
