@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from slmkit import run
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.fsutil import atomic_dir, write_json
@@ -97,7 +98,7 @@ def save(
             torch.save(optimizer_state, tmp / "optimizer.pt")
         if trainer_state is not None:
             write_json(tmp / "trainer_state.json", trainer_state)
-        write_json(tmp / "meta.json", meta)
+        run.write_meta(tmp, meta)  # written last: its presence marks a complete checkpoint
     return ckpt_dir
 
 

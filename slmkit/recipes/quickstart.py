@@ -82,6 +82,8 @@ def quickstart(
         f"{llm.model.flops_per_token() / 1e6:.1f} MFLOP/token (train).", "",
         "| metric | value |", "|---|---|",
         f"| training time | {res.train_time:.0f} s ({res.step} steps, {res.tokens:,} tokens) |",
+        f"| wall time | {res.wall_time:.0f} s (training + {res.eval_time:.0f} s evaluation + {res.ckpt_time:.0f} s "
+        f"checkpoints + set-up) |",
         f"| throughput | {res.tokens_per_s:,.0f} tokens/s ({tc.threads or 'all'} threads, {precision}) |",
         f"| train loss (last) | {res.train_loss:.3f} nats/token |",
         f"| val loss | {res.val_loss:.3f} nats/token (perplexity {_ppl(res.val_loss)}) |",

@@ -1,8 +1,11 @@
 """`slm quickstart` end to end on the real built-in corpus, with a seconds-long budget."""
 
+import pytest
+
 from slmkit.cli import main
 
 
+@pytest.mark.slow
 def test_quickstart_writes_a_report(tmp_path, capsys):
     out = tmp_path / "qs"
     code = main(["quickstart", "--out", str(out), "--max-time", "6s", "--preset", "llama-0.8m", "--threads", "1",
