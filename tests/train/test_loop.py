@@ -116,6 +116,7 @@ def _slm(*args: str) -> list[str]:
     return [sys.executable, "-m", "slmkit", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--max-steps", "80", "--ckpt-interval", "20", "--eval-interval", "20",
               "--threads", "1", "--precision", "fp32", "--batch-size", "8", "--quiet",
@@ -170,6 +171,7 @@ def test_bf16_autocast_matches_fp32_loss(tiny_data, tmp_path):
         torch.float32
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
     args = ["--data", str(tiny_data), "--max-steps", "100000", "--ckpt-interval", "10", "--threads", "1",
             "--batch-size", "4", "--quiet", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2",
@@ -196,6 +198,7 @@ def test_ctrl_c_checkpoints_and_resumes(tiny_data, tmp_path):
     assert resumed.step == step + 5 and resumed.status == "finished"
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tiny_data, tmp_path):
     """--compile changes how the step runs, not what it computes: same loss within float noise; the one-off compile
     shows up as the first step's time."""
