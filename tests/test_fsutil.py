@@ -50,7 +50,7 @@ def test_atomic_dir_replaces_only_when_asked_and_only_slmkit_dirs(tmp_path: Path
     (tmp_path / ".ckpt.old").mkdir()  # a name the old implementation used as scratch and deleted
     with pytest.raises(FileExistsError), atomic_dir(final) as tmp:
         (tmp / "new").write_text("new")
-    with pytest.raises(FileExistsError, match="no meta.json"), atomic_dir(final, overwrite=True) as tmp:
+    with pytest.raises(FileExistsError, match=r"no meta\.json"), atomic_dir(final, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.old", "ckpt"] and (final / "old").exists()
     (final / "meta.json").write_text("{}")
