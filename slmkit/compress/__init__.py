@@ -5,6 +5,6 @@
 """
 
 from slmkit.compress.quantize import quantize
-from slmkit.infer.quantized import QuantLinear
+from slmkit.infer.quantized import QuantExperts, QuantLinear
 
-__all__ = ["QuantLinear", "quantize"]
+__all__ = ["QuantExperts", "QuantLinear", "quantize"]

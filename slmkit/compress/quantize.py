@@ -1,8 +1,9 @@
 """Weight-only quantization as a transform: `quantize(model, "int8")` swaps every nn.Linear for the inference module
-`slmkit.infer.quantized.QuantLinear` (int8 with one fp32 scale per output row, or bf16). Activations stay fp32.
+`slmkit.infer.quantized.QuantLinear` and every Mixture-of-Experts weight stack for `QuantExperts` (int8 with one fp32
+scale per output row, or bf16). Activations stay fp32.
 
 Batch-1 decoding reads each weight once per token, so bytes per weight set the speed (docs/benchmarks.md,
-bench/decode.py): fp32 4, bf16 2, int8 1.
+bench/decode.py): fp32 4, bf16 2, int8 1 (+ 4 bytes of scale per row of `in` weights).
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 from torch import nn
 
 from slmkit.errors import SlmError
-from slmkit.infer.quantized import QuantLinear, WeightDtype
+from slmkit.infer.quantized import QuantExperts, QuantLinear, WeightDtype
+from slmkit.model.ffn import MoE
 
 
 def quantize(model: nn.Module, dtype: WeightDtype = "int8") -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by a QuantLinear with `dtype` weights; returns the model.
+    """Quantize the matrix weights of `model` in place to `dtype`; returns the model.
 
-    A head tied to the token embedding gets its own quantized copy (the embedding stays fp32: decoding reads only one
-    row of it per token). "fp32" leaves the model unchanged.
+    Replaced: every nn.Linear (→ QuantLinear) and the expert stacks of every MoE layer (→ QuantExperts). A head tied
+    to the token embedding gets its own quantized copy. Kept fp32: the token and position embeddings (decoding reads
+    one row per token), norms, biases, and MoE routers (C × E weights, a small fraction of one expert; they pick the
+    experts, so rounding them could send a token elsewhere). "fp32" leaves the model unchanged.
 
     >>> quantize(LLM.load("runs/smollm2").model, "int8")
     """
@@ -26,8 +30,14 @@ def quantize(model: nn.Module, dtype: WeightDtype = "int8") -> nn.Module:
     if dtype == "fp32":
         return model
     for mod in list(model.modules()):
+        if isinstance(mod, MoE):
+            for name in ("fc", "proj"):
+                stack = getattr(mod, name)
+                if isinstance(stack, nn.Parameter):
+                    delattr(mod, name)  # a parameter slot cannot take a module
+                    setattr(mod, name, QuantExperts.from_stack(stack, dtype))
         for child_name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and not (isinstance(mod, MoE) and child_name == "router"):
                 setattr(mod, child_name, QuantLinear.from_linear(child, dtype))
     model.eval().requires_grad_(False)
     return model

@@ -4,7 +4,8 @@
 other than full or sliding-window, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then
 decodes through PyTorch, which computes the same function (tests compare the two on every supported configuration).
 Dense and Mixture-of-Experts FFNs are both covered.
-Linear layers may be fp32 `nn.Linear` or int8/bf16 `QuantLinear` (slmkit.compress.quantize), mixed freely.
+Linear layers may be fp32 `nn.Linear` or int8/bf16 `QuantLinear`, expert stacks fp32 parameters or int8/bf16
+`QuantExperts` (slmkit.compress.quantize), mixed freely.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from slmkit.infer import kernels
-from slmkit.infer.quantized import QuantLinear
+from slmkit.infer.quantized import QuantExperts, QuantLinear
 from slmkit.model.ffn import MoE
 from slmkit.model.gpt import GPT, KVCache
 
@@ -101,20 +102,25 @@ class FusedDecoder:
 
 
 def _experts(moe: MoE) -> tuple[ctypes.Array, ctypes.Array]:
-    """C views of an MoE layer's experts. The stacked weights are (E, in, out) for `x @ fc[e]`; the kernels read rows
-    of (out, in), so each expert is transposed once and the copies cached on the module until its weights change."""
-    key = (moe.fc.data_ptr(), moe.fc._version, moe.proj.data_ptr(), moe.proj._version)
+    """C views of an MoE layer's experts, cached on the module until its weights change. A quantized stack
+    (QuantExperts) already holds each expert as (out, in) rows: viewed in place. An fp32 parameter stack is
+    (E, in, out) for `x @ fc[e]`, so each expert is transposed once into a copy."""
+    stacks = (moe.fc, moe.proj)
+    packed = [s.weight if isinstance(s, QuantExperts) else s for s in stacks]
+    key = tuple((t.data_ptr(), t._version) for t in packed)
     cached = getattr(moe, "_fused_experts", None)
     if cached is None or cached[0] != key:
-        with torch.no_grad():
-            fc = [moe.fc[e].detach().T.contiguous().float() for e in range(moe.E)]
-            down = [moe.proj[e].detach().T.contiguous().float() for e in range(moe.E)]
-            fb = [None] * moe.E if moe.fc_bias is None else [b.detach().float().contiguous() for b in moe.fc_bias]
-            pb = [None] * moe.E if moe.proj_bias is None else [b.detach().float().contiguous() for b in moe.proj_bias]
-        tensors = (fc, down, fb, pb)
-        mats = ((kernels.Mat * moe.E)(*(kernels.mat(w, None, b) for w, b in zip(fc, fb, strict=True))),
-                (kernels.Mat * moe.E)(*(kernels.mat(w, None, b) for w, b in zip(down, pb, strict=True))))
-        cached = (key, tensors, mats)
+        tensors, mats = [], []
+        for stack, bias in zip(stacks, (moe.fc_bias, moe.proj_bias), strict=True):
+            with torch.no_grad():
+                if isinstance(stack, QuantExperts):
+                    ws, scales = list(stack.weight), list(stack.scale)  # views: (N, K) rows of each expert
+                else:
+                    ws, scales = [stack[e].detach().T.contiguous().float() for e in range(moe.E)], [None] * moe.E
+                bs = [None] * moe.E if bias is None else [b.detach().float().contiguous() for b in bias]
+            tensors.append((ws, scales, bs))
+            mats.append((kernels.Mat * moe.E)(*(kernels.mat(*wsb) for wsb in zip(ws, scales, bs, strict=True))))
+        cached = (key, tensors, tuple(mats))
         object.__setattr__(moe, "_fused_experts", cached)  # a plain attribute: not a buffer, never saved
     return cached[2]
 

@@ -11,7 +11,9 @@ this module compiles the C file with the system C compiler on first use (`-O3 -m
 The library links the OpenMP runtime that torch itself loaded, so its threads are torch's threads: no second pool
 spinning against the first (two pools on 2 cores slow both by 20x+).
 
-Without a C compiler (or with SLMKIT_NO_KERNELS=1) everything still works through PyTorch, only slower.
+Without a C compiler (or with SLMKIT_NO_KERNELS=1) everything still works through PyTorch, only slower. A build that
+fails says so once per process, in one line on stderr with the reason (compiler missing, its first error line, or
+the timeout); SLMKIT_NO_KERNELS=1 skips the build silently.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ import torch
 _SOURCE = (Path(__file__).parent / "csrc" / "kernels.c").read_text()
 
 _lib: ctypes.CDLL | bool | None = None  # None = not tried yet, False = unavailable
+# The build measured ~1.3 s here (AMD EPYC, gcc, 2 cores); the first decode waits for it, so a compiler that hangs
+# must not hold the user for long. 30 s leaves room for a loaded machine.
+COMPILE_TIMEOUT_S = 30
 KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2}
 QBLOCK = 64  # activations are quantized in blocks of this many values for int8 weights
 
@@ -79,27 +84,19 @@ def _cpu_key() -> str:
 
 
 def _build() -> ctypes.CDLL | None:
+    """The compiled library, or None (after one line on stderr saying why, unless the kernels are switched off)."""
     if sys.platform != "linux" or os.environ.get("SLMKIT_NO_KERNELS"):
         return None
     cache = Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "kernels"
     so = cache / f"kernels-{_cpu_key()}.so"
-    if not so.exists():
-        omp = _torch_openmp()
-        cc = os.environ.get("CC", "cc")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-            src.write_text(_SOURCE)
-            link = [f"-L{omp.parent}", f"-l:{omp.name}", f"-Wl,-rpath,{omp.parent}"] if omp else []
-            # SLMKIT_KERNEL_FLAGS: extra compiler flags, e.g. "-mno-avx512vnni -mno-avx512bf16" to test other paths
-            extra = os.environ.get("SLMKIT_KERNEL_FLAGS", "").split()
-            cmd = [cc, "-O3", "-march=native", *extra, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out), *link]
-            try:
-                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError):
-                return None
-            os.replace(out, so)  # atomic: a concurrent builder sees no half-written library
-    lib = ctypes.CDLL(str(so))
+    try:
+        if not so.exists():
+            _compile(so)
+        lib = ctypes.CDLL(str(so))
+    except (_BuildError, OSError) as e:  # OSError: the dynamic loader refused the library
+        print(f"slmkit: C kernels unavailable, using PyTorch (slower): {e}. SLMKIT_NO_KERNELS=1 skips the build.",
+              file=sys.stderr)
+        return None
     lib.slm_matmul.argtypes = [ctypes.POINTER(Mat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                ctypes.POINTER(Acts), ctypes.c_int]
     lib.slm_matmul.restype = None
@@ -107,6 +104,43 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_decode_step.restype = None
     lib.slm_features.restype = ctypes.c_int
     return lib
+
+
+class _BuildError(Exception):
+    """Why the kernels could not be built or loaded, in a few words."""
+
+
+def _compile(so: Path) -> None:
+    omp = _torch_openmp()
+    cc = os.environ.get("CC", "cc")
+    try:
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+            src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+            src.write_text(_SOURCE)
+            link = [f"-L{omp.parent}", f"-l:{omp.name}", f"-Wl,-rpath,{omp.parent}"] if omp else []
+            # SLMKIT_KERNEL_FLAGS: extra compiler flags, e.g. "-mno-avx512vnni -mno-avx512bf16" to test other paths
+            extra = os.environ.get("SLMKIT_KERNEL_FLAGS", "").split()
+            cmd = [cc, "-O3", "-march=native", *extra, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(out), *link]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, text=True, errors="replace",
+                               timeout=COMPILE_TIMEOUT_S)
+            except FileNotFoundError:
+                raise _BuildError(f"C compiler {cc!r} not found (install gcc or set CC)") from None
+            except subprocess.TimeoutExpired:
+                raise _BuildError(f"{cc} took over {COMPILE_TIMEOUT_S} s to compile kernels.c") from None
+            except subprocess.CalledProcessError as e:
+                raise _BuildError(_first_error(e.stderr or e.stdout or "", tmp) or
+                                  f"{cc} exited with status {e.returncode} and no message") from None
+            os.replace(out, so)  # atomic: a concurrent builder sees no half-written library
+    except OSError as e:  # cannot run the compiler, or cannot write the cache directory
+        raise _BuildError(f"{type(e).__name__}: {e}") from None
+
+
+def _first_error(output: str, tmp: str) -> str:
+    """The compiler's first error line (else its first line), without the temporary directory's path."""
+    lines = [ln.replace(tmp + os.sep, "").strip() for ln in output.splitlines() if ln.strip()]
+    return next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
 
 
 def available() -> bool:

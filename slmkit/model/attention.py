@@ -443,6 +443,10 @@ class LSHAttention(nn.Module):
         return min(T, 2 * self.L) * self.R
 
 
+# kinds whose cached decoding reads only a recurrent state (KVCache.state), never cached keys/values: their cache
+# allocates no key/value buffers
+STATE_ONLY_KINDS = frozenset({"linear"})
+
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {
     "local": LocalAttention,
     "blocksparse": BlockSparseAttention,

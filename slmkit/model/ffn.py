@@ -85,6 +85,9 @@ class MoE(nn.Module):
 
     Each call appends a `MoECall` (aux term, assignment counts, dropped count) to `self.calls`, a list owned by the
     model, so a module shared across layers still reports once per layer.
+
+    `fc` and `proj` are parameters until `slmkit.compress.quantize` swaps each for a quantized stack (a module called
+    as `fc(x, e)` for `x @ fc[e]`, with the same `.shape`); the forward pass works with either.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -105,9 +108,13 @@ class MoE(nn.Module):
         nn.init.normal_(self.fc, std=std)
         nn.init.normal_(self.proj, std=proj_std)
 
+    def expert_weights(self) -> int:
+        """Matrix weights of one expert (its slice of fc and proj): what a token routed to it multiplies with."""
+        return math.prod(self.fc.shape[1:]) + math.prod(self.proj.shape[1:])
+
     def expert_params(self) -> int:
         """Parameters of one expert (its slice of fc, proj and their biases)."""
-        n = self.fc[0].numel() + self.proj[0].numel()
+        n = self.expert_weights()
         if self.fc_bias is not None:
             n += self.fc_bias[0].numel() + self.proj_bias[0].numel()
         return n
@@ -141,10 +148,10 @@ class MoE(nn.Module):
         for e, xe in enumerate(xs.split(sizes.tolist())):  # one matmul per expert (the only sync: the sizes)
             if xe.numel() == 0:
                 continue
-            h = xe @ self.fc[e]  # (n_e, H or 2H)
+            h = _expert(self.fc, e, xe)  # (n_e, H or 2H)
             if self.fc_bias is not None:
                 h = h + self.fc_bias[e]
-            h = _activate(h, self.swiglu) @ self.proj[e]  # (n_e, C)
+            h = _expert(self.proj, e, _activate(h, self.swiglu))  # (n_e, C)
             if self.proj_bias is not None:
                 h = h + self.proj_bias[e]
             outs.append(h)
@@ -156,6 +163,12 @@ class MoE(nn.Module):
         aux = self.E * torch.sum(frac * probs.mean(0))
         self.calls.append(MoECall(aux, counts.detach(), dropped))
         return out.view(B, T, C).to(x.dtype)
+
+
+def _expert(stack: Tensor | nn.Module, e: int, x: Tensor) -> Tensor:
+    """x @ stack[e]: a stacked (E, in, out) parameter, or a quantized stack that computes the same product from its
+    packed weights (slmkit.infer.quantized.QuantExperts, which the model layer cannot import)."""
+    return x @ stack[e] if isinstance(stack, Tensor) else stack(x, e)
 
 
 class MoECall:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmkit.config import ModelConfig
-from slmkit.model.attention import ATTENTION_KINDS, causal_attention, project_qkv, store_kv
+from slmkit.model.attention import ATTENTION_KINDS, STATE_ONLY_KINDS, causal_attention, project_qkv, store_kv
 from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,10 +66,14 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Static per-layer key/value buffers, preallocated once so decoding does no per-token allocation."""
+    """Static per-layer key/value buffers, preallocated once so decoding does no per-token allocation, holding only
+    what the attention kind reads: keys and values (B, nkv, max_len, hd) per layer, or for linear attention, whose
+    decoding reads a recurrent state instead, empty (B, nkv, 0, hd) buffers and the state."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: str = "cpu"):
-        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        # empty rather than absent: code that copies or slices caches layer by layer works unchanged
+        kv_len = 0 if cfg.attention in STATE_ONLY_KINDS else max_len
+        shape = (batch_size, cfg.n_kv_head, kv_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.state: list = [None] * cfg.n_layer  # recurrent per-layer state of linear attention (unused otherwise)
@@ -78,6 +82,11 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    def nbytes(self) -> int:
+        """Bytes held: key/value buffers plus any recurrent state."""
+        tensors = [*self.k, *self.v, *(t for s in self.state if s is not None for t in s)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,7 +267,7 @@ class GPT(nn.Module):
 
         def linear_weights(m: nn.Module) -> int:
             n = sum(x.weight.numel() for x in m.modules() if isinstance(x, nn.Linear))  # includes MoE routers
-            n += sum(x.k * (x.fc[0].numel() + x.proj[0].numel()) for x in m.modules() if isinstance(x, MoE))
+            n += sum(x.k * x.expert_weights() for x in m.modules() if isinstance(x, MoE))
             return n
 
         matmul, span = self.lm_head.weight.numel(), 0.0

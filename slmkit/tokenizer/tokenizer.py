@@ -195,7 +195,8 @@ class Tokenizer:
             tk = tokenizers.Tokenizer.from_str(json_text)
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SlmError(f"{origin} is not a valid tokenizer.json ({msg}); re-create it with `slm prepare`") from None
+            raise SlmError(f"{origin} is not a valid tokenizer.json ({msg}); re-create it with "
+                           "`slm data prepare`") from None
         return cls(tk, origin, config)
 
     @classmethod

@@ -116,6 +116,7 @@ def _hf_llama(m: GPT):
     return hf
 
 
+@pytest.mark.slow  # importing transformers alone takes ~2 s
 @pytest.mark.parametrize(("style", "to_hf"), [("gpt2", _hf_gpt2), ("llama", _hf_llama)])
 def test_logits_match_transformers(style, to_hf):
     m = tiny(style)
