@@ -3,8 +3,7 @@
 >>> from slmkit import LLM
 >>> LLM.load("runs/quickstart").generate("ROMEO:")  # doctest: +SKIP
 
-The names below are imported on first use (PEP 562), so `import slmkit.train` loads the trainer and not the
-inference kernels, and `import slmkit` stays light.
+`LLM` is imported on first use (PEP 562), so `import slmkit.train` loads the trainer and not the inference kernels.
 """
 
 from __future__ import annotations
@@ -12,21 +11,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from slmkit.config import ModelConfig, TrainConfig
+from slmkit.data import load_split, prepare
+from slmkit.errors import SlmError
+from slmkit.model import GPT
+from slmkit.sampling import SamplingParams
+from slmkit.tokenizer import Tokenizer
 
-_WHERE = {
-    "GPT": "slmkit.model",
-    "LLM": "slmkit.api",
-    "ModelConfig": "slmkit.config",
-    "SamplingParams": "slmkit.sampling",
-    "SlmError": "slmkit.errors",
-    "Tokenizer": "slmkit.tokenizer",
-    "TrainConfig": "slmkit.config",
-    "TrainResult": "slmkit.train",
-    "load_split": "slmkit.data",
-    "prepare": "slmkit.data",
-    "train": "slmkit.train",
-}
+# `train` is also the name of a subpackage: bound here, after it, so `slmkit.train` is the function as documented
+from slmkit.train import TrainResult, train
+
+__version__ = "0.1.0"
 
 __all__ = [
     "GPT",
@@ -45,23 +40,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'slmkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+    # LLM is imported on first use: it brings the inference engine and its C kernels, which training never needs
+    if name == "LLM":
+        value = importlib.import_module("slmkit.api").LLM
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slmkit' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:
     from slmkit.api import LLM
-    from slmkit.config import ModelConfig, TrainConfig
-    from slmkit.data import load_split, prepare
-    from slmkit.errors import SlmError
-    from slmkit.model import GPT
-    from slmkit.sampling import SamplingParams
-    from slmkit.tokenizer import Tokenizer
-    from slmkit.train import TrainResult, train

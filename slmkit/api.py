@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import codecs
-import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,36 +17,57 @@ from typing import Any
 from slmkit import checkpoint
 from slmkit.compress.quantize import WeightDtype, quantize
 from slmkit.config import ModelConfig
-from slmkit.infer.engine import SamplingParams, generate
-from slmkit.model import GPT
-from slmkit.model.ngram import NgramLM, is_ngram_run
+from slmkit.errors import SlmError
+from slmkit.infer.neural import NeuralLM
+from slmkit.model.ngram import NgramLM
+from slmkit.model.protocol import LanguageModel
+from slmkit.run import kind_of, read_meta
 from slmkit.runtime import set_threads
+from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import Tokenizer
 
 
 class LLM:
-    """A model with its tokenizer, ready to generate text."""
+    """A language model with its tokenizer, ready to generate text.
 
-    def __init__(self, model: GPT | NgramLM, tokenizer: Tokenizer, meta: dict[str, Any] | None = None,
+    `lm` is the model behind the `slmkit.model.protocol.LanguageModel` protocol (the transformer's adapter or the
+    n-gram model): what evaluation and timing use. `meta` is the model's meta.json (a checkpoint's over its run's),
+    `path` the directory whose weights were read.
+    """
+
+    def __init__(self, model: LanguageModel | Any, tokenizer: Tokenizer, meta: dict[str, Any] | None = None,
                  path: Path | None = None):
-        model = model if isinstance(model, NgramLM) else model.eval()
-        self.model, self.tokenizer, self.meta, self.path = model, tokenizer, meta or {}, path
+        # a bare transformer (checkpoint.load(...).model, a GPT built in Python) gets its adapter here
+        self.lm: LanguageModel = model if isinstance(model, LanguageModel) else NeuralLM(model)
+        self.tokenizer, self.meta, self.path = tokenizer, meta or {}, path
 
     @classmethod
     def load(cls, path: str | Path, *, threads: int | None = None, weights: WeightDtype = "fp32") -> LLM:
-        """Load a checkpoint directory or a run directory (its latest checkpoint).
+        """Load a checkpoint directory, a run directory (its latest checkpoint) or an n-gram run.
 
         weights: "int8" or "bf16" quantize the linear layers for inference (slmkit.compress.quantize): 4x / 2x fewer
         bytes read per generated token: SmolLM2-135M decoded 2.8-4.3x / 2.0-2.1x faster than fp32 on two 2-core
         machines (docs/benchmarks.md).
         """
         set_threads(threads)
-        if is_ngram_run(path):  # an n-gram baseline run (slm train --preset ngram-5): no torch weights
-            path = Path(path)
-            return cls(NgramLM.load(path), Tokenizer.load(path / "tokenizer.json"),
-                       checkpoint.read_json(path / "meta.json"), path)
+        path = Path(path)
+        if kind_of(path) == "ngram":  # counted by slm train --preset ngram-N: no torch weights
+            if weights != "fp32":
+                raise SlmError(f"{path} is an n-gram model: it has no weights to quantize; drop --weights")
+            return cls(NgramLM.load(path), Tokenizer.load(path / "tokenizer.json"), read_meta(path), path)
         ckpt = checkpoint.load(path)
-        return cls(quantize(ckpt.model, weights), ckpt.tokenizer, ckpt.meta, ckpt.path)
+        run_dir = ckpt.path.parent.parent  # run/checkpoints/step_N → run
+        in_run = ckpt.path.parent.name == "checkpoints" and kind_of(run_dir) is not None
+        meta = {**(read_meta(run_dir) if in_run else {}), **ckpt.meta}
+        lm = NeuralLM(ckpt.model, meta.get("model_class"))
+        quantize(lm.module, weights)
+        return cls(lm, ckpt.tokenizer, meta, ckpt.path)
+
+    @property
+    def model(self) -> Any:
+        """The model object itself, for code that needs more than the protocol: the transformer's nn.Module (to
+        quantize, export or time its forward) or the n-gram model."""
+        return getattr(self.lm, "module", self.lm)
 
     @property
     def config(self) -> ModelConfig:
@@ -85,11 +105,7 @@ class LLM:
         hold = max((len(s) for s in stop), default=1) - 1  # text that might still become a stop string
         text, emitted = "", 0
         # stop ids: EOS and end-of-turn tokens; for slmkit's own tokenizers also BOS, which starts a new document
-        if isinstance(self.model, NgramLM):
-            tokens = self.model.generate(ids, **dataclasses.asdict(params), stop_ids=tuple(tok.stop_ids))
-        else:
-            tokens = generate(self.model, ids, params, stop_ids=tuple(tok.stop_ids))
-        for nxt in tokens:
+        for nxt in self.lm.generate(ids, params, stop_ids=tuple(tok.stop_ids)):
             if nxt in tok.stop_ids or nxt == tok.pad_id:
                 break
             text += utf8.decode(tok.token_bytes(nxt))

@@ -91,8 +91,7 @@ def save(
     """Write a checkpoint directory atomically (replacing an existing one of the same name)."""
     ckpt_dir = Path(ckpt_dir)
     with atomic_dir(ckpt_dir, overwrite=True) as tmp:
-        save_file(_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save(tmp / "config.json")
+        write_model(tmp, model)
         tokenizer.save(tmp / "tokenizer.json")
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -102,12 +101,25 @@ def save(
     return ckpt_dir
 
 
+def write_model(directory: str | Path, model: GPT) -> None:
+    """model.safetensors + config.json into an existing directory (`save` writes them inside a whole checkpoint)."""
+    directory = Path(directory)
+    save_file(_state_dict(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save(directory / "config.json")
+
+
+def read_model(directory: str | Path) -> GPT:
+    """The model of what `write_model` wrote (config.json + model.safetensors), in eval mode, fp32."""
+    directory = Path(directory)
+    cfg = ModelConfig.load(directory / "config.json")
+    weights = directory / "model.safetensors"
+    return model_from_state_dict(cfg, _read_weights(weights), str(weights)).eval()
+
+
 def load(path: str | Path) -> Checkpoint:
     """Load a checkpoint (or a run's latest) for inference. Never unpickles: safetensors + JSON only."""
     ckpt = resolve(path)
-    cfg = ModelConfig.load(ckpt / "config.json")
-    model = model_from_state_dict(cfg, _read_weights(ckpt / "model.safetensors"), f"{ckpt}/model.safetensors")
-    model.eval()
+    model = read_model(ckpt)
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return Checkpoint(ckpt, model, tokenizer, read_json(ckpt / "meta.json"))
 

@@ -6,6 +6,7 @@ User errors (`SlmError`) print one line and exit 2; internal errors keep their t
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -87,18 +88,26 @@ def cmd_data_corpora(a: argparse.Namespace) -> None:
 def _configs(a: argparse.Namespace) -> tuple[Any, Any]:
     from slmkit.config import ModelConfig, TrainConfig, coerce_overrides
 
-    model = ModelConfig.load(a.model_config) if a.model_config else ModelConfig.preset(a.preset)
+    if a.model_config and a.preset:
+        raise SlmError("give --preset or --model-config, not both")
+    model = ModelConfig.load(a.model_config) if a.model_config else ModelConfig.preset(a.preset or DEFAULT_PRESET)
     train = TrainConfig.load(a.train_config) if a.train_config else TrainConfig()
     flags = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k, None) is not None}
     model_sets, train_sets = [], []
+    model_fields, train_fields = ModelConfig().to_dict(), TrainConfig().to_dict()
     for pair in a.set or []:
-        key = pair.partition("=")[0]
-        (model_sets if key in ModelConfig.__dataclass_fields__ else train_sets).append(pair)
+        key = pair.partition("=")[0].strip()
+        if key not in model_fields and key not in train_fields:
+            near = difflib.get_close_matches(key, [*model_fields, *train_fields], n=3)
+            raise SlmError(f"--set {pair}: no ModelConfig or TrainConfig field {key!r}"
+                           + (f"; did you mean {', '.join(near)}?" if near else "; `slm presets` lists the models"))
+        (model_sets if key in model_fields else train_sets).append(pair)
     model = model.replace(**coerce_overrides(ModelConfig, model_sets))
     train = train.replace(**flags, **coerce_overrides(TrainConfig, train_sets))
     return model, train
 
 
+DEFAULT_PRESET = "llama-3m"
 # n-gram baselines are counted, not trained: `--preset ngram-5`, or `--preset ngram --set order=N --set discount=0.75`
 NGRAM_PRESETS = {"ngram": 5, "ngram-3": 3, "ngram-5": 5, "ngram-7": 7}
 
@@ -125,16 +134,20 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.preset in NGRAM_PRESETS:
         return _train_ngram(a)
     from slmkit.config import TrainConfig
+    from slmkit.run import read_meta
     from slmkit.train import train
 
     if a.resume:
-        from slmkit.checkpoint import read_json
-
-        meta_path = Path(a.resume) / "meta.json"
-        if not meta_path.exists():
-            raise SlmError(f"cannot resume: {a.resume} is not a run directory (no meta.json)")
-        saved = TrainConfig.from_dict(read_json(meta_path)["train"])
-        flags = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k, None) is not None}
+        # a resumed run keeps its recipe: only the budget and threads may change (TrainConfig.RESUMABLE)
+        fixed = [f"--{k.replace('_', '-')}" for k in ("data", "out", "preset", "model_config", "train_config", "set",
+                                                       "overwrite") if getattr(a, k)]
+        fixed += [f"--{k.replace('_', '-')}" for k in TRAIN_FLAGS
+                  if getattr(a, k, None) is not None and k not in TrainConfig.RESUMABLE]
+        if fixed:
+            raise SlmError(f"--resume continues {a.resume} with its own data, model and recipe, so {', '.join(fixed)} "
+                           f"cannot be given with it; only --max-time, --max-steps and --threads can change")
+        flags = {k: getattr(a, k) for k in TrainConfig.RESUMABLE if getattr(a, k, None) is not None}
+        saved = TrainConfig.from_dict(read_meta(a.resume, kinds=("train",))["train"])
         result = train(None, a.resume, train_config=saved.replace(**flags) if flags else None, resume=True,
                        progress=not a.quiet)
     else:
@@ -144,8 +157,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         result = train(a.data, a.out, model, tc, overwrite=a.overwrite, progress=not a.quiet)
     first = result.first_step_time
     warm = f", incl. a {first:.0f}s first step: one-off warm-up/compile" if first > 2 else ""
-    print(f"{result.status}: step {result.step}, {result.tokens:,} tokens in {result.train_time:.0f}s "
-          f"({result.tokens_per_s:,.0f} tok/s{warm}); val loss {result.val_loss:.4f} nats/token, "
+    print(f"{result.status}: step {result.step}, {result.tokens:,} tokens; {result.train_time:.0f}s training "
+          f"({result.tokens_per_s:,.0f} tok/s{warm}) + {result.eval_time:.0f}s evaluation + {result.ckpt_time:.0f}s "
+          f"checkpoints = {result.wall_time:.0f}s wall; val loss {result.val_loss:.4f} nats/token, "
           f"{result.val_bpb:.4f} bpb → {result.run_dir}")
 
 
@@ -160,14 +174,25 @@ def unescape(text: str) -> str:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from slmkit.api import LLM
+    from slmkit.sampling import SamplingParams
 
-    llm = LLM.load(a.run, threads=a.threads, weights=a.weights)
+    # every user error surfaces before the first byte of output: after the echoed prompt it would read "hislm: error"
+    SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    for flag, value in (("--num-samples", a.num_samples), ("--threads", a.threads)):
+        if value is not None and value < 1:
+            raise SlmError(f"{flag}={value} must be >= 1")
     stop = [unescape(s) for s in a.stop or ()]
+    if "" in stop:
+        raise SlmError("--stop needs a non-empty string (an empty one would stop before the first token)")
+    llm = LLM.load(a.run, threads=a.threads, weights=a.weights)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   repetition_penalty=a.repetition_penalty, stop=stop, seed=a.seed, chat=a.chat)
     for _ in range(a.num_samples):
-        sys.stdout.write(a.prompt + ("\n" if a.chat else ""))
-        for piece in llm.stream(a.prompt, **kwargs):
+        pieces = llm.stream(a.prompt, **kwargs)
+        first = next(pieces, "")  # encodes the prompt: an unknown character or a missing chat template fails here
+        sys.stdout.write(a.prompt + ("\n" if a.chat else "") + first)
+        sys.stdout.flush()
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -193,7 +218,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from slmkit.fsutil import write_json
     from slmkit.runtime import console
 
-    lm = a.lm if a.lm is not None else ([] if a.task else ["shakespeare:val"])
+    lm = a.lm if a.lm is not None else ([] if a.task else None)  # None: the run's own held-out split
     metrics = evaluate(a.run, lm=lm, tasks=a.task or [], shots=a.shots, limit=a.limit, efficiency=a.efficiency,
                        threads=a.threads, progress=not a.quiet, stride=a.stride, context=a.context,
                        max_bytes=a.max_bytes, weights=a.weights)
@@ -204,7 +229,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
-    from slmkit.eval.compare import DEFAULT_SETS, compare, print_table
+    from slmkit.eval.compare import DEFAULT_SETS, compare
+    from slmkit.eval.report import print_table
     from slmkit.recipes.spectrum import run_recipe
 
     common = dict(tasks=a.task or (), limit=a.limit, efficiency=not a.no_efficiency, threads=a.threads,
@@ -315,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="prepared data directory (slm data prepare)")
     t.add_argument("--out", help="run directory to create")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    t.add_argument("--preset", default="llama-3m", choices=[*PRESETS, *NGRAM_PRESETS],
+    t.add_argument("--preset", choices=[*PRESETS, *NGRAM_PRESETS],
                    help="model preset (default llama-3m); ngram-3/5/7 count a Kneser-Ney baseline instead")
     t.add_argument("--model-config", help="ModelConfig YAML/JSON file (instead of --preset)")
     t.add_argument("--train-config", help="TrainConfig YAML/JSON file; flags below override it")
@@ -361,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run directory (latest checkpoint), checkpoint directory or n-gram run")
     ev.add_argument("--lm", action="append", metavar="SET",
                     help="held-out text: shakespeare:val, shakespeare:folio, bbc-news:val, PATH or PATH:val "
-                         "(repeatable; default shakespeare:val unless --task is given)")
+                         "(repeatable; default: the val split of the text the run was trained on, unless --task is "
+                         "given; an imported model must name its sets)")
     ev.add_argument("--task", action="append", metavar="TASK", help="multiple-choice task: mmlu or a task YAML file")
     ev.add_argument("--shots", type=int, default=0, help="few-shot examples per question (default 0)")
     ev.add_argument("--limit", type=int, help="at most N questions per subject (quick runs)")
@@ -377,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = add("compare", cmd_compare, "compare runs: bpb in- and out-of-domain, size, speed, Pareto plots → report")
     cp.add_argument("runs", nargs="*", metavar="RUN", help="run, checkpoint or n-gram run directories")
-    cp.add_argument("--out", required=True, help="report directory (report.md, report.html, compare.json, *.png)")
+    cp.add_argument("--out", required=True,
+                    help="report directory: new, empty or an earlier report (report.md, report.html, compare.json, "
+                         "*.png, meta.json)")
     cp.add_argument("--lm", action="append", metavar="SET",
                     help="held-out text sets, first = in-domain (default: shakespeare:val, shakespeare:folio)")
     cp.add_argument("--task", action="append", metavar="TASK", help="also run a multiple-choice task (e.g. mmlu)")

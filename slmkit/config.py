@@ -401,6 +401,9 @@ def parse_duration(text: str | float | int | None) -> float | None:
 class TrainConfig(_Serializable):
     """Optimisation and budget. A run stops at whichever of `max_steps` / `max_time` comes first."""
 
+    # fields a resumed run may change: its budget and the threads it runs on (every other one is the run's recipe)
+    RESUMABLE = ("max_steps", "max_time", "threads")
+
     optimizer: Optimizer = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -418,7 +421,11 @@ class TrainConfig(_Serializable):
     max_steps: int | None = None
     max_time: float | str | None = None  # seconds of training, or a duration: "90s", "5m", "1.5h"
     eval_interval: int = 100
-    eval_batches: int = 20
+    eval_batches: int = 20  # auto evaluation scores at most eval_batches × batch_size windows (the final one 4x)
+    # windows of block_size tokens scored per evaluation: "auto" = up to the cap above, fewer when evaluation would
+    # cost more than ~10 % of the training budget (a 5-step run is not dominated by scoring the whole split);
+    # "all" = the whole val split every time; or a number. `slm eval` always scores what it is asked to
+    eval_windows: int | Literal["auto", "all"] = "auto"
     ckpt_interval: int = 500
     keep_checkpoints: int = 2
     log_interval: int = 10
@@ -443,6 +450,8 @@ class TrainConfig(_Serializable):
                      "keep_checkpoints"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"TrainConfig.{name}={v!r} must be a positive integer")
+        _check(self.eval_windows in ("auto", "all") or (isinstance(self.eval_windows, int) and self.eval_windows > 0),
+               f"TrainConfig.eval_windows={self.eval_windows!r} must be auto, all or a positive integer")
         _check(self.warmup_steps >= 0, f"TrainConfig.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.max_steps is None or self.max_steps > 0, f"TrainConfig.max_steps={self.max_steps} must be > 0")
         _check(self.max_time is None or self.max_time > 0, f"TrainConfig.max_time={self.max_time} must be > 0")

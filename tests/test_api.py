@@ -45,3 +45,12 @@ def test_greedy_is_deterministic_and_learned_the_corpus(llm):
     words = a.split()
     known = sum(w.strip(".").lower() in set(WORDS) for w in words[:-1])
     assert known >= len(words[:-1]) // 2, a  # a model that learned nothing emits random characters
+
+
+def test_the_model_behind_llm_is_a_language_model(llm):
+    from slmkit.model.protocol import LanguageModel
+
+    assert isinstance(llm.lm, LanguageModel) and llm.lm.model_class == "dense"
+    assert llm.model is llm.lm.module and llm.config.block_size == llm.lm.context_length == 64
+    assert llm.meta["step"] == 80 and llm.meta["data"]  # the checkpoint's meta.json over its run's
+    assert llm.lm.params().total == llm.model.num_params()

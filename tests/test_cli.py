@@ -31,6 +31,7 @@ def test_prepare_train_generate_resume(tmp_path, capsys):
     assert code == 0 and "finished: step 30" in out
 
 
+@pytest.mark.slow
 def test_python_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "slmkit", "--help"], capture_output=True, text=True, check=True)
     assert "quickstart" in out.stdout and "examples:" in out.stdout
@@ -48,7 +49,12 @@ def test_python_module_entry_point():
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--max-steps", "5", "--lr", "-1"], "lr=-1.0 must be"),
         (["train", "--data", "{data}", "--out", "{tmp}/r", "--max-steps", "5", "--set", "n_head=5"], "must divide"),
         (["train", "--data", "{data}", "--out", "{tmp}/r"], "give a budget"),
-        (["train", "--resume", "{tmp}/empty"], "not a run directory"),
+        (["train", "--resume", "{tmp}/empty"], "not an slmkit directory"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--max-steps", "5", "--set", "lr=fast"],
+         "TrainConfig.lr takes a number, not 'fast'"),
+        (["train", "--data", "{data}", "--out", "{tmp}/r", "--max-steps", "5", "--set", "n_layers=2"],
+         "did you mean n_layer"),
+        (["train", "--data", "{tmp}/empty", "--out", "{tmp}/r", "--max-steps", "5"], "`slm data prepare`"),
         (["generate", "{tmp}/empty"], "holds no checkpoint"),
         (["generate", "{tmp}/nothing-here"], "no such checkpoint"),
     ],
@@ -109,3 +115,36 @@ def test_stop_escapes_are_read_as_characters():
     assert unescape(r"\n\n") == "\n\n"
     assert unescape(r"a\tb\\n") == "a\tb\\n"  # an escaped backslash stays one backslash, followed by n
     assert unescape("naïve \\x41 \\q") == "naïve \\x41 \\q"  # other escapes and non-ASCII text pass through
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--data", "{data}", "--max-steps", "2", "--out", "{out}", "--overwrite"],
+    ["train", "--data", "{data}", "--preset", "ngram-3", "--out", "{out}", "--overwrite"],
+    ["data", "prepare", "--corpus", "{corpus}", "--tokenizer", "byte", "--out", "{out}", "--overwrite"],
+    ["quickstart", "--out", "{out}", "--max-time", "1s"],
+])
+def test_overwrite_never_deletes_a_directory_slmkit_did_not_write(tmp_path, capsys, tiny_data, command):
+    from conftest import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus")
+    home = tmp_path / "home"  # say, a typo'd --out
+    (home / "src").mkdir(parents=True)
+    (home / "src/main.py").write_text("precious")
+    args = [a.format(data=tiny_data, out=home, corpus=corpus) for a in command]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "not written by slmkit" in err and err.count("\n") == 1, err
+    assert (home / "src/main.py").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "home"]  # quickstart prepared no data either
+
+
+def test_resume_refuses_flags_it_would_ignore(tmp_path, capsys, tiny_data):
+    run = str(tmp_path / "run")
+    tiny = ["--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--set", "block_size=32"]
+    assert run_cli(capsys, "train", "--data", str(tiny_data), "--out", run, "--max-steps", "4", "--batch-size", "4",
+                   "--threads", "1", "--quiet", *tiny)[0] == 0
+    for extra in (["--set", "n_layer=2"], ["--data", str(tiny_data)], ["--lr", "0.1"], ["--out", run],
+                  ["--preset", "gpt-0.8m"], ["--train-config", "t.yaml"]):
+        code, _, err = run_cli(capsys, "train", "--resume", run, "--max-steps", "8", *extra)
+        assert code == 2 and "cannot be given with it" in err and extra[0] in err, (extra, err)
+    code, out, _ = run_cli(capsys, "train", "--resume", run, "--max-steps", "6", "--threads", "1", "--quiet")
+    assert code == 0 and "finished: step 6" in out and "s wall" in out

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import slmkit
 
 ROOT = Path(slmkit.__file__).parent
@@ -93,6 +95,7 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     assert imports_of(f) == {"slmkit.eval.lm", "slmkit.train"}
 
 
+@pytest.mark.slow
 def test_importing_the_trainer_does_not_load_the_kernels_or_heavy_extras():
     code = ("import sys, slmkit.train, slmkit.data, slmkit.checkpoint; "
             "print(sorted(m for m in sys.modules if m.startswith(('slmkit.infer', 'slmkit.eval', 'transformers', "

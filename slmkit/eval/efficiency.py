@@ -1,20 +1,21 @@
-"""`measure(checkpoint)`: the speed and memory of one transformer, by the same harness for every model.
+"""`measure(model)`: the speed and memory of one model, by the same harness for every model — transformer or n-gram.
 
-Everything is timed in a fresh Python process that loads only this checkpoint (`LLM.load`), so the peak RSS is the
-model's own — not the evaluating process's, which may hold other models and data sets — and no earlier work has warmed
-or grown its allocator. The child prints one JSON line:
+Everything is timed in a fresh Python process that loads only this model (`LLM.load`), so the peak RSS is the model's
+own — not the evaluating process's, which may hold other models and data sets — and no earlier work has warmed or grown
+its allocator. The child times the model only through the `LanguageModel` protocol (slmkit.model.protocol) and prints
+one JSON line:
 
-    prefill_tok_s       prompt tokens/s of one forward over the prompt with a fresh KV cache (batch 1)
-    ttft_s              time to first token through the engine: prefill + the first greedy token
-    decode_tok_s        new tokens/s after the first, batch 1, through the engine (`slmkit.infer.engine.generate`)
-    decode_batch_tok_s  new tokens/s summed over `batch` copies of the prompt (model forward with a batch cache)
+    prefill_tok_s       prompt tokens/s of one scoring pass over the prompt (`score`, batch 1)
+    ttft_s              time to first token through `generate`: prefill + the first greedy token
+    decode_tok_s        new tokens/s after the first, batch 1, through `generate` (the transformer's: the inference
+                        engine with its KV cache and fused C decode)
     peak_rss_mb         peak resident memory (MiB) of the child; base_rss_mb: its resident memory before loading the
                         weights (Python + torch + slmkit)
 
-plus the settings (threads, weights, prompt_tokens, new_tokens, batch, batch_new_tokens, repeats, method). Timings are
-the median of `repeats` rounds after one untimed warm-up round. Size on disk and parameter counts are in eval.json's
-"model" block. The prompt is the same English text for every model (cut to `prompt_tokens` tokens of its tokenizer);
-prompt + new tokens always fit the context, so no timing includes the engine's context-window shift.
+plus the settings (threads, weights, prompt_tokens, new_tokens, repeats, method). Timings are the median of `repeats`
+rounds after one untimed warm-up round. Size on disk and parameter counts are in eval.json's "model" block. The prompt
+is the same English text for every model (cut to `prompt_tokens` tokens of its tokenizer); prompt + new tokens always
+fit the context, so no timing includes the engine's context-window shift.
 
 >>> measure("runs/smollm2", threads=2)["decode_tok_s"]  # doctest: +SKIP
 """
@@ -35,7 +36,9 @@ import torch
 
 from slmkit.compress.quantize import WeightDtype
 from slmkit.errors import SlmError
+from slmkit.model.protocol import LanguageModel
 from slmkit.runtime import available_cores
+from slmkit.sampling import SamplingParams
 
 PROMPT_TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it "
@@ -47,8 +50,8 @@ PROMPT_TEXT = (
 )
 CHILD = "import json, sys; from slmkit.eval.efficiency import _child; _child(json.loads(sys.argv[1]))"
 METHOD = ("child process, threads={threads}, weights={weights}; greedy; median of {repeats} after a warm-up; prefill: "
-          "one forward of the prompt; ttft/decode: engine.generate, decode = (n-1)/(t_n - t_1); batch: model forward "
-          "with a batch KV cache holding the prompt")
+          "one scoring pass over the prompt (LanguageModel.score); ttft/decode: LanguageModel.generate, decode = "
+          "(n-1)/(t_n - t_1)")
 
 
 def measure(
@@ -58,33 +61,28 @@ def measure(
     weights: WeightDtype = "fp32",
     prompt_tokens: int = 256,
     new_tokens: int = 64,
-    batch: int = 8,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """Prefill and decode speed, time to first token and peak memory of a checkpoint (or a run's latest), measured in
-    a fresh process with `threads` threads (default: every core this process may use) and `weights` as in
-    `LLM.load`. The prompt is cut to fit the context: at most `prompt_tokens`, leaving room for `new_tokens` (at most
-    half the context). The batched decode runs `batch` rows for a quarter of `new_tokens` steps.
+    """Prefill and decode speed, time to first token and peak memory of a model directory (a checkpoint, a run's
+    latest checkpoint, an n-gram run), measured in a fresh process with `threads` threads (default: every core this
+    process may use) and `weights` as in `LLM.load`. The prompt is cut to fit the context: at most `prompt_tokens`,
+    leaving room for `new_tokens` (at most half the context).
 
     >>> e = measure("runs/gpt-rope-3m", threads=1)  # doctest: +SKIP
-    >>> e["prefill_tok_s"], e["ttft_s"], e["decode_tok_s"], e["decode_batch_tok_s"], e["peak_rss_mb"]  # doctest: +SKIP
+    >>> e["prefill_tok_s"], e["ttft_s"], e["decode_tok_s"], e["peak_rss_mb"]  # doctest: +SKIP
     """
     from slmkit import checkpoint
-    from slmkit.model.ngram import is_ngram_run
 
-    if is_ngram_run(path):
-        raise SlmError(f"{path} is an n-gram run: efficiency is measured on transformer checkpoints "
-                       "(slm compare times n-gram decoding itself)")
     if weights not in get_args(WeightDtype):
         raise SlmError(f"weights={weights!r}: use one of {', '.join(get_args(WeightDtype))}")
     for name, value, least in (("prompt_tokens", prompt_tokens, 1), ("new_tokens", new_tokens, 2),
-                               ("batch", batch, 1), ("repeats", repeats, 1)):
+                               ("repeats", repeats, 1)):
         if value < least:
             raise SlmError(f"{name}={value} must be >= {least}")
-    ckpt = checkpoint.resolve(path)
+    model_dir = checkpoint.resolve(path)  # what LLM.load reads: an n-gram run holds its weights itself
     threads = threads or available_cores()
-    spec = {"path": str(ckpt), "threads": threads, "weights": weights, "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens, "batch": batch, "repeats": repeats}
+    spec = {"path": str(model_dir), "threads": threads, "weights": weights, "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens, "repeats": repeats}
     # LLM.load pins torch's threads (and the C kernels share torch's pool); the variable covers any library that reads
     # only the environment, so nothing in the child runs more threads than the result reports
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -95,7 +93,7 @@ def measure(
     if "error" in result:
         raise SlmError(result["error"])
     if proc.returncode != 0 or not result:
-        raise RuntimeError(f"measuring {ckpt} failed in its child process (exit {proc.returncode}):\n"
+        raise RuntimeError(f"measuring {model_dir} failed in its child process (exit {proc.returncode}):\n"
                            f"{proc.stderr.strip()[-3000:]}")
     return result
 
@@ -107,19 +105,17 @@ def _child(spec: dict[str, Any]) -> None:
     base = _rss_mb()[0]  # python + torch + slmkit, before any weight is read
     try:
         llm = LLM.load(spec["path"], threads=spec["threads"], weights=spec["weights"])
-        block = llm.config.block_size
-        new = min(spec["new_tokens"], block // 2)
-        batch_new = max(1, new // 4)  # batch rows cost ~B× a step: fewer steps keep a 135M model's run short
-        prompt = _prompt_ids(llm.tokenizer, min(spec["prompt_tokens"], block - new))
-        res = _bench(llm.model, prompt, new_tokens=new, batch=spec["batch"], batch_new_tokens=batch_new,
-                     repeats=spec["repeats"])
+        block = llm.lm.context_length
+        new = spec["new_tokens"] if block is None else min(spec["new_tokens"], block // 2)
+        n_prompt = spec["prompt_tokens"] if block is None else min(spec["prompt_tokens"], block - new)
+        prompt = _prompt_ids(llm.tokenizer, n_prompt)
+        res = _bench(llm.lm, prompt, new_tokens=new, repeats=spec["repeats"])
     except SlmError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(2)
     print(json.dumps({**res, "peak_rss_mb": round(_rss_mb()[1], 1), "base_rss_mb": round(base, 1),
                       "threads": spec["threads"], "weights": spec["weights"], "prompt_tokens": len(prompt),
-                      "new_tokens": new, "batch": spec["batch"], "batch_new_tokens": batch_new,
-                      "repeats": spec["repeats"], "method": METHOD.format(**spec)}))
+                      "new_tokens": new, "repeats": spec["repeats"], "method": METHOD.format(**spec)}))
 
 
 def _rss_mb() -> tuple[float, float]:
@@ -156,53 +152,23 @@ def _encodes(tokenizer: Any, c: str) -> bool:
 
 
 @torch.inference_mode()
-def _bench(model: Any, prompt: list[int], *, new_tokens: int, batch: int, batch_new_tokens: int,
-          repeats: int) -> dict[str, Any]:
-    """Median timings of `repeats` rounds (after one untimed warm-up round) on `model` with `prompt`; see the module
+def _bench(lm: LanguageModel, prompt: list[int], *, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Median timings of `repeats` rounds (after one untimed warm-up round) of `lm` on `prompt`; see the module
     docstring. `len(prompt) + new_tokens` must fit the context."""
-    from slmkit.infer.engine import SamplingParams, generate
-
     n_prompt = len(prompt)
-    idx = torch.tensor([prompt])  # (1, P)
     rounds = []
-    model.eval()
     # round 0 is a short warm-up: the first calls pay one-time costs (loading the C kernels, the allocator growing to
     # the prompt's activations) that no later prompt or token pays
     for r in range(repeats + 1):
-        n_new, steps = (new_tokens, batch_new_tokens) if r else (2, 1)
-        cache = model.new_cache(1, n_prompt)
+        n_new = new_tokens if r else 2
+        # scoring one more token conditions it on exactly the prompt: one pass over all n_prompt positions
         t0 = perf_counter()
-        logits, _ = model(idx, cache=cache, last_only=True)
+        lm.score([([*prompt, prompt[-1]], 1)])
         prefill = n_prompt / (perf_counter() - t0)
 
-        # the engine's own loop; no stop ids, so every round yields exactly n_new tokens
+        # no stop ids, so every round yields exactly n_new tokens
         t0 = perf_counter()
-        stamps = [perf_counter() for _ in generate(model, prompt, SamplingParams(n_new, temperature=0))]
-        ttft, decode = stamps[0] - t0, (n_new - 1) / (stamps[-1] - stamps[0])
-
-        big = model.new_cache(batch, n_prompt + steps)
-        _tile_cache(cache, big)
-        nxt = logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1).contiguous()  # (B, 1)
-        t0 = perf_counter()
-        for _ in range(steps):
-            logits_b, _ = model(nxt, cache=big, last_only=True)  # (B, 1, V)
-            nxt = logits_b[:, -1].argmax(-1, keepdim=True)
-        rounds.append((prefill, ttft, decode, batch * steps / (perf_counter() - t0)))
-    keys, columns = ("prefill_tok_s", "ttft_s", "decode_tok_s", "decode_batch_tok_s"), zip(*rounds[1:], strict=True)
+        stamps = [perf_counter() for _ in lm.generate(prompt, SamplingParams(n_new, temperature=0))]
+        rounds.append((prefill, stamps[0] - t0, (n_new - 1) / (stamps[-1] - stamps[0])))
+    keys, columns = ("prefill_tok_s", "ttft_s", "decode_tok_s"), zip(*rounds[1:], strict=True)
     return {k: round(statistics.median(v), 6 if k == "ttft_s" else 2) for k, v in zip(keys, columns, strict=True)}
-
-
-def _tile_cache(src: Any, dst: Any) -> None:
-    """Fill batch-B cache `dst` with B copies of batch-1 cache `src` (keys/values and any recurrent state): B identical
-    prefills for the price of one — a batch-8 prefill of a 256-token prompt would cost more than the whole decode."""
-    n, b = src.pos, dst.k[0].size(0)
-    for d, s in zip(dst.k + dst.v, src.k + src.v, strict=True):
-        d[:, :, :n] = s[:, :, :n]  # (1, n_kv, n, hd) broadcast over the batch
-    dst.state = [_repeat(s, b) for s in src.state]
-    dst.pos = n
-
-
-def _repeat(x: Any, b: int) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.expand(b, *x.shape[1:]).clone()
-    return None if x is None else type(x)(_repeat(t, b) for t in x)

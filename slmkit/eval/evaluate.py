@@ -2,94 +2,69 @@
 
 The dict is what `slm eval` writes to eval.json and `slm compare` reads; its keys are a contract:
 
-    {"model": {"path", "name", "model_class", "params_total", "params_active", "bytes_on_disk", "tokenizer",
-               "block_size", ...},
-     "lm": {"<set>": {"loss_nats_per_token", "perplexity", "bpb", "tokens", "bytes", ...}},
-     "tasks": {"<task>": {"acc", "acc_norm", "acc_macro", "acc_norm_macro", "n", "shots", "limit",
-                          "subjects": {...}, "prompt": {...}}},
-     "efficiency": {"prefill_tok_s", "ttft_s", "decode_tok_s", "decode_batch_tok_s", "peak_rss_mb", "base_rss_mb",
+    {"model": {"path", "name", "model_class", "params_total", "params_active", "params_non_embedding",
+               "bytes_on_disk", "tokenizer", "block_size", "weights", "checkpoint": {"path", "bytes", "mtime_ns"}, ...},
+     "lm": {"<set>": {"loss_nats_per_token", "perplexity", "bpb", "tokens", "bytes", ...,
+                      "weights", "context", "stride", "max_bytes"}},
+     "tasks": {"<task>": {"acc", "acc_norm", "acc_macro", "acc_norm_macro", "n", "shots", "limit", "weights",
+                          "context", "subjects": {...}, "prompt": {...}}},
+     "efficiency": {"prefill_tok_s", "ttft_s", "decode_tok_s", "peak_rss_mb", "base_rss_mb",
                     "threads", "weights", "prompt_tokens", "new_tokens", ...},  # only with efficiency=True
      "versions": {...}, "elapsed_s": float}
+
+Each measurement records every setting that changes its numbers (the weights, the window, the text, the questions, the
+threads) and the model block pins the checkpoint read, so `slm compare` reuses an entry only when it was measured as it
+would measure it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slmkit.compress.quantize import WeightDtype, quantize
+from slmkit.api import LLM
+from slmkit.compress.quantize import WeightDtype
 from slmkit.errors import SlmError
-from slmkit.eval.lm import Scorer, encode_documents, evaluate_docs, gpt_scorer, nll_scorer, resolve_text_set
+from slmkit.eval import efficiency as efficiency_of
+from slmkit.eval.lm import default_stride, encode_documents, evaluate_docs, resolve_text_set, scorer
 from slmkit.eval.mc import run_task
 from slmkit.runtime import set_threads
 from slmkit.versions import versions
 
 
-@dataclass
-class Loaded:
-    """A model ready to score: the object, its tokenizer, its meta.json, where it came from and what it is."""
-
-    model: Any
-    tokenizer: Any
-    meta: dict[str, Any]
-    path: Path  # the checkpoint (or n-gram run) directory actually read
-    model_class: str
+def checkpoint_stamp(path: Path) -> dict[str, Any]:
+    """Which weights were read: the directory, and the size and modification time of its model.safetensors (a
+    retrained or replaced checkpoint of the same name differs in them)."""
+    stat = (path / "model.safetensors").stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def load_for_eval(path: str | Path) -> Loaded:
-    """A checkpoint or run directory — a transformer checkpoint (native or imported) or an n-gram run."""
-    from slmkit import checkpoint
-    from slmkit.model.ngram import NgramLM, is_ngram_run
-    from slmkit.tokenizer import Tokenizer
-
-    path = Path(path)
-    if is_ngram_run(path):
-        meta = checkpoint.read_json(path / "meta.json")
-        return Loaded(NgramLM.load(path), Tokenizer.load(path / "tokenizer.json"), meta, path, "ngram")
-    ckpt = checkpoint.load(path)
-    run_meta_file = ckpt.path.parent.parent / "meta.json"  # run/checkpoints/step_N → run/meta.json
-    in_run = ckpt.path.parent.name == "checkpoints" and run_meta_file.exists()
-    run_meta = checkpoint.read_json(run_meta_file) if in_run else {}
-    model_class = ckpt.meta.get("model_class") or run_meta.get("model_class")
-    if not model_class:
-        model_class = "moe" if getattr(ckpt.model.config, "moe_experts", 0) > 0 else "dense"
-    return Loaded(ckpt.model, ckpt.tokenizer, {**run_meta, **ckpt.meta}, ckpt.path, model_class)
-
-
-def scorer_for(loaded: Loaded, *, context: int | None = None, on_batch: Any = None) -> Scorer:
-    """The per-token scorer of a loaded model (transformer or n-gram)."""
-    if loaded.model_class == "ngram":
-        return nll_scorer(loaded.model.nll, on_batch=on_batch)
-    return gpt_scorer(loaded.model, context=context, on_batch=on_batch)
-
-
-def model_info(loaded: Loaded, given: str | Path) -> dict[str, Any]:
-    """The "model" block of eval.json."""
-    model, tok = loaded.model, loaded.tokenizer
-    num_params = model.num_params
-    total = num_params()
-    active = num_params(active=True) if "active" in inspect.signature(num_params).parameters else total
-    weights = loaded.path / "model.safetensors"
-    given = Path(given)
-    name = given.resolve().name if loaded.path.parent.name != "checkpoints" else loaded.path.parent.parent.name
-    cfg = getattr(model, "config", None)
+def model_info(llm: LLM, given: str | Path) -> dict[str, Any]:
+    """The "model" block of eval.json (without "weights", which the caller knows)."""
+    params, tok = llm.lm.params(), llm.tokenizer
+    in_run = llm.path.parent.name == "checkpoints"
     return {
-        "path": str(loaded.path),
-        "name": name,
-        "model_class": loaded.model_class,
-        "params_total": int(total),
-        "params_active": int(active),
-        "bytes_on_disk": weights.stat().st_size if weights.exists() else None,
+        "path": str(llm.path),
+        "name": llm.path.parent.parent.name if in_run else Path(given).resolve().name,
+        "model_class": llm.lm.model_class,
+        "params_total": params.total,
+        "params_active": params.active,
+        "params_non_embedding": params.non_embedding,
+        "bytes_on_disk": (llm.path / "model.safetensors").stat().st_size,
         "tokenizer": getattr(tok, "spec", type(tok).__name__),
         "vocab_size": tok.vocab_size,
-        "block_size": getattr(cfg, "block_size", None),
-        "step": loaded.meta.get("step"),
+        "block_size": llm.lm.context_length,
+        "step": llm.meta.get("step"),
+        "checkpoint": checkpoint_stamp(llm.path),
     }
+
+
+def task_name(task: str | Path) -> str:
+    """The key of a task in eval.json: a YAML file's stem, else the name given (`mmlu`)."""
+    return Path(task).stem if str(task).endswith((".yaml", ".yml")) else str(task)
 
 
 def first_bytes(texts: Sequence[str], n: int) -> list[str]:
@@ -106,17 +81,32 @@ def first_bytes(texts: Sequence[str], n: int) -> list[str]:
     return out
 
 
-def _split_params(loaded: Loaded, source: str) -> dict[str, Any]:
-    """The seed/val_fraction the model's training data was split with, when it was prepared from `source`, so
-    `<source>:val` is exactly the held-out part; otherwise `slm data prepare`'s defaults."""
+def _training_data(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """meta.json of the data directory the model was trained on, when it has one that is still there."""
     from slmkit.data import load_meta
 
-    data = loaded.meta.get("data")
     with contextlib.suppress(SlmError, OSError, TypeError, KeyError):
-        meta = load_meta(data)
-        same = meta["source"] == source or Path(meta["source"]).resolve() == Path(source).resolve()
-        if same:
-            return {"seed": meta["seed"], "val_fraction": meta["val_fraction"]}
+        return load_meta(meta["data"])
+    return None
+
+
+def own_val_set(meta: dict[str, Any], path: str | Path) -> str:
+    """`<source>:val`, the held-out part of the text the model was trained on: `evaluate`'s default set."""
+    data = _training_data(meta)
+    if data is None or not data.get("source"):
+        why = f"its data directory {meta['data']} is gone" if meta.get("data") else "e.g. an imported model"
+        raise SlmError(f"{path} has no training text of its own to hold out ({why}); name held-out text with --lm, "
+                       "e.g. --lm shakespeare:val, --lm bbc-news:val or --lm path/to/notes.txt")
+    return f"{data['source']}:val"
+
+
+def _split_params(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """The seed/val_fraction the model's training data was split with, when it was prepared from `source`, so
+    `<source>:val` is exactly the held-out part; otherwise `slm data prepare`'s defaults."""
+    data = _training_data(meta)
+    with contextlib.suppress(KeyError, TypeError, OSError):
+        if data is not None and (data["source"] == source or Path(data["source"]).resolve() == Path(source).resolve()):
+            return {"seed": data["seed"], "val_fraction": data["val_fraction"]}
     return {"seed": 0, "val_fraction": 0.1}
 
 
@@ -134,7 +124,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
 def evaluate(
     path: str | Path,
     *,
-    lm: Sequence[str] = ("shakespeare:val",),
+    lm: Sequence[str] | None = None,
     tasks: Sequence[str] = (),
     shots: int = 0,
     limit: int | None = None,
@@ -146,11 +136,12 @@ def evaluate(
     max_bytes: int | None = None,
     weights: WeightDtype = "fp32",
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint or run directory; returns the eval.json dict (see the module docstring).
+    """Evaluate a checkpoint, run or n-gram run directory; returns the eval.json dict (see the module docstring).
 
-    `lm`: held-out text sets (`shakespeare:val`, `shakespeare:folio`, `bbc-news:val`, `path[:split]`), scored with a
-    sliding window of `stride` tokens (default: half the context; `context` caps the window, default the model's
-    block_size). `tasks`: multiple-choice task names or YAML paths,
+    `lm`: held-out text sets (`shakespeare:val`, `shakespeare:folio`, `bbc-news:val`, `path[:split]`); default: the
+    val split of the text the model was trained on (a model without one, e.g. an imported checkpoint, must name its
+    sets). Scored with a sliding window of `stride` tokens (default: half the context; `context` caps the window,
+    default the model's block_size). `tasks`: multiple-choice task names or YAML paths,
     `shots`-shot, at most `limit` questions per subject. `efficiency`: also time prefill, time to first token and
     decoding and read the peak memory, in a fresh process with `threads` threads (`slmkit.eval.efficiency.measure`).
     `max_bytes`: score only the first N bytes of each text set (documents in order, the last one cut), the same text
@@ -164,40 +155,34 @@ def evaluate(
     set_threads(threads)
     if max_bytes is not None and max_bytes < 1:
         raise SlmError(f"max_bytes={max_bytes} must be >= 1")
-    loaded = load_for_eval(path)
-    eff = None
-    if efficiency:  # first, so an n-gram run fails before minutes of scoring
-        from slmkit.eval.efficiency import measure
-
-        # in a fresh process: the model's own peak RSS
-        eff = measure(loaded.path, threads=threads, weights=weights)
-    out: dict[str, Any] = {"model": {**model_info(loaded, path), "weights": weights}, "lm": {}, "tasks": {}}
-    if weights != "fp32":
-        if loaded.model_class == "ngram":
-            raise SlmError("an n-gram model has no weights to quantize; drop --weights")
-        quantize(loaded.model, weights)
+    llm = LLM.load(path, threads=threads, weights=weights)
+    lm = [own_val_set(llm.meta, path)] if lm is None else lm
+    # first, so a model the harness cannot time fails before minutes of scoring; in a fresh process, so the peak RSS
+    # is the model's own
+    eff = efficiency_of.measure(llm.path, threads=threads, weights=weights) if efficiency else None
+    out: dict[str, Any] = {"model": {**model_info(llm, path), "weights": weights}, "lm": {}, "tasks": {}}
     with _progress(progress) as bar:
         task_id = bar.add_task("", total=None)
 
         def advance(k: int) -> None:
             bar.advance(task_id, k)
 
-        scorer = scorer_for(loaded, context=context, on_batch=advance)
+        score = scorer(llm.lm, context=context, on_batch=advance)
         for name in lm:
             source = name.rpartition(":")[0] or name
-            texts, about = resolve_text_set(name, **_split_params(loaded, source))
+            texts, about = resolve_text_set(name, **_split_params(llm.meta, source))
             if max_bytes is not None:
-                texts, about = first_bytes(texts, max_bytes), {**about, "max_bytes": max_bytes}
-            docs = list(encode_documents(loaded.tokenizer, texts))
+                texts = first_bytes(texts, max_bytes)
+            docs = list(encode_documents(llm.tokenizer, texts))
             bar.reset(task_id, description=f"lm {name}", total=None)
-            res = evaluate_docs(scorer, docs, stride=stride)
-            out["lm"][name] = {**res, **about, "context": scorer.context,
-                               "stride": stride or max(1, (scorer.context or 2) // 2)}
+            res = evaluate_docs(score, docs, stride=stride)
+            out["lm"][name] = {**res, **about, "weights": weights, "context": score.context,
+                               "stride": stride or default_stride(score.context), "max_bytes": max_bytes}
         for task in tasks:
             bar.reset(task_id, description=f"task {task}", total=None)
-            res = run_task(scorer, loaded.tokenizer, task, shots=shots, limit=limit,
+            res = run_task(score, llm.tokenizer, task, shots=shots, limit=limit,
                            on_total=lambda n: bar.update(task_id, total=n))
-            out["tasks"][Path(task).stem if str(task).endswith((".yaml", ".yml")) else str(task)] = res
+            out["tasks"][task_name(task)] = {**res, "weights": weights, "context": score.context}
     if eff is not None:
         out["efficiency"] = eff
     out["versions"] = versions()
@@ -251,7 +236,6 @@ def _efficiency_table(e: dict[str, Any], m: dict[str, Any]) -> Any:
         (f"prefill, {e.get('prompt_tokens')}-token prompt", e.get("prefill_tok_s"), rate),
         ("time to first token", e.get("ttft_s"), lambda v: f"{v * 1e3:,.1f} ms" if v < 1 else f"{v:.2f} s"),
         ("decode, batch 1", e.get("decode_tok_s"), rate),
-        (f"decode, batch {e.get('batch')} (all rows)", e.get("decode_batch_tok_s"), rate),
         ("peak RSS", e.get("peak_rss_mb"), mb),
         ("RSS before loading the weights", e.get("base_rss_mb"), mb),
         ("on disk", m.get("bytes_on_disk"), lambda v: f"{v / 1e6:,.1f} MB" if v >= 1e5 else f"{v / 1e3:.0f} KB"),

@@ -3,16 +3,16 @@
 Two evaluators share one unit, bits per UTF-8 byte of the scored text, so byte/char/BPE/imported models compare:
 
 - `slmkit.metrics.lm_loss`: mean loss over non-overlapping windows of a shard (the trainer's fast, fixed-cost eval).
-- `evaluate_text`: every token of every document scored exactly once with as much left context as the model allows
+- `evaluate_docs`: every token of every document scored exactly once with as much left context as the model allows
   (a sliding window with a configurable stride, as in HF's perplexity guide), for `slm eval`.
 
-The sliding window talks to the model only through a `Scorer`: token ids in, per-token nats out. A transformer and an
-n-gram model are both scorers, so both are evaluated by the same code on the same text.
+The sliding window talks to the model only through a `Scorer`: token ids in, per-token nats out, made from any
+`slmkit.model.protocol.LanguageModel`, so a transformer and an n-gram model are evaluated by the same code on the same
+text.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,11 +24,8 @@ import torch
 
 from slmkit.data.corpora import BUILTIN_CORPORA, Document, iter_documents, split_documents
 from slmkit.errors import SlmError
-from slmkit.runtime import autocast
-
-# (ids, n): score the last n tokens of ids, each given every token before it in ids
-Window = tuple[Sequence[int], int]
-
+from slmkit.infer.neural import NeuralLM
+from slmkit.model.protocol import LanguageModel, Window
 
 # --- scorers: token ids in, per-token nats out ---------------------------------------------------------------------
 
@@ -46,109 +43,20 @@ class Scorer:
     context: int | None
 
 
-@contextlib.contextmanager
-def _headless(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Temporarily make `model(idx)` return the final hidden states (B, T, C) instead of logits, yielding the head.
-
-    Why: full logits are B·T·V floats — 1.6 GB for one 8k-token window at a 49k vocab — but only the scored positions
-    need them, so the head is applied afterwards to those rows, in chunks.
-    """
-    head = model.lm_head
-    model.lm_head = torch.nn.Identity()
-    try:
-        yield head
-    finally:
-        model.lm_head = head  # the same module object: a tied head stays tied
+def scorer(model: LanguageModel, *, context: int | None = None,
+           on_batch: Callable[[int], None] | None = None) -> Scorer:
+    """The `Scorer` of any `LanguageModel`, its context capped at `context` tokens (default: the model's own; a
+    long-context transformer is cheaper to evaluate at 1-2k, as attention cost grows with the square)."""
+    own = model.context_length
+    T = own if not context or own is None else min(context, own)
+    return Scorer(lambda windows: model.score(windows, context=T, on_batch=on_batch), T)
 
 
 def gpt_scorer(model: torch.nn.Module, *, context: int | None = None, batch_tokens: int = 4096, head_rows: int = 1024,
                precision: str = "fp32", on_batch: Callable[[int], None] | None = None) -> Scorer:
-    """A `Scorer` for a transformer with `config.block_size` and an `lm_head` (slmkit's GPT and imported models).
-
-    `context` caps the tokens of context (default and maximum: block_size; attention cost grows with its square, so
-    a long-context model may be cheaper to evaluate at 1-2k). Longer windows are truncated from the left. Windows with
-    identical inputs (e.g. the choices of a multiple-choice question with one-token answers) share one forward pass;
-    the rest are sorted by length and batched (padded right — causal attention keeps padding out of every scored
-    position) up to `batch_tokens` per forward. `on_batch(k)` is called after each forward with the number of windows
-    it finished.
-    """
-    T = min(context or model.config.block_size, model.config.block_size)
-
-    @torch.no_grad()
-    def nats(windows: Sequence[Window]) -> list[np.ndarray]:
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ids, n) in enumerate(windows):
-            if not 1 <= n < len(ids):
-                raise ValueError(f"window {i}: cannot score {n} of {len(ids)} tokens (the first token has no context)")
-            if n > T:
-                raise SlmError(f"a continuation of {n} tokens does not fit the model's context of {T} tokens")
-            groups.setdefault(tuple(ids[-(T + 1) :][:-1]), []).append(i)
-        order = sorted(groups, key=len, reverse=True)
-        out: list[np.ndarray] = [np.empty(0)] * len(windows)
-        was_training = model.training
-        model.eval()
-        try:
-            with _headless(model) as head:
-                start = 0
-                while start < len(order):
-                    width = len(order[start])  # longest in this batch: sorted, so the first
-                    stop = start + max(1, batch_tokens // width)
-                    batch = order[start:stop]
-                    x = torch.zeros(len(batch), width, dtype=torch.long)  # (B, L) padded right with id 0
-                    for b, inp in enumerate(batch):
-                        x[b, : len(inp)] = torch.tensor(inp)
-                    with autocast(precision):
-                        h, _ = model(x)  # (B, L, C) final hidden states
-                    for b, inp in enumerate(batch):
-                        members = groups[inp]
-                        m = max(windows[i][1] for i in members)
-                        rows = h[b, len(inp) - m : len(inp)].float()  # (m, C): the positions predicting the targets
-                        logz, logits_of = _head_logz(head, rows, head_rows)
-                        for i in members:
-                            ids, n = windows[i]
-                            tgt = torch.tensor(list(ids[-n:]), dtype=torch.long)
-                            r = torch.arange(m - n, m)
-                            out[i] = (logz[r] - logits_of(r, tgt)).double().numpy()
-                    if on_batch is not None:
-                        on_batch(sum(len(groups[inp]) for inp in batch))
-                    start = stop
-        finally:
-            model.train(was_training)
-        return out
-
-    return Scorer(nats, T)
-
-
-def nll_scorer(nll: Callable[[np.ndarray], np.ndarray], *, on_batch: Callable[[int], None] | None = None) -> Scorer:
-    """A `Scorer` from a function mapping a token array to the nats of tokens[1:] given their prefix, such as
-    `NgramLM.nll`. It has no context limit, so it is given whole documents."""
-
-    def nats(windows: Sequence[Window]) -> list[np.ndarray]:
-        out = []
-        for ids, n in windows:
-            out.append(np.asarray(nll(np.asarray(ids)), dtype=np.float64)[-n:])
-            if on_batch is not None:
-                on_batch(1)
-        return out
-
-    return Scorer(nats, None)
-
-
-def _head_logz(head: torch.nn.Module, rows: torch.Tensor, chunk: int) -> tuple[torch.Tensor, Callable]:
-    """log Σ exp(logits) per row, plus a gather of chosen logits, computing at most `chunk` rows of logits at a time."""
-    if len(rows) <= chunk:
-        logits = head(rows).float()  # (m, V)
-        return torch.logsumexp(logits, dim=-1), lambda r, t: logits[r, t]
-    logz = torch.cat([torch.logsumexp(head(rows[i : i + chunk]).float(), dim=-1) for i in range(0, len(rows), chunk)])
-
-    def logits_of(r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        w = head.weight if isinstance(head, torch.nn.Linear) and head.bias is None else None
-        if w is not None:  # one dot product per row: no (m, V) tensor at all
-            return (rows[r] * w[t].float()).sum(-1)
-        return torch.cat([head(rows[r[i : i + chunk]]).float().gather(1, t[i : i + chunk, None])[:, 0]
-                          for i in range(0, len(r), chunk)])
-
-    return logz, logits_of
+    """The `Scorer` of a bare transformer (slmkit's GPT or an imported one): `scorer(NeuralLM(model, ...))`."""
+    return scorer(NeuralLM(model, batch_tokens=batch_tokens, head_rows=head_rows, precision=precision),
+                  context=context, on_batch=on_batch)
 
 
 # --- sliding-window evaluation of documents ------------------------------------------------------------------------
@@ -215,12 +123,17 @@ def encode_documents(tokenizer: Any, texts: Iterable[str]) -> Iterator[TextDoc]:
     yield from flush()
 
 
+def default_stride(context: int | None) -> int:
+    """Half the context (HF's perplexity guide): every target sees at least half a window of context."""
+    return max(1, (context or 2) // 2)
+
+
 def evaluate_docs(scorer: Scorer, docs: Iterable[TextDoc], *, stride: int | None = None) -> dict[str, float | int]:
     """Sliding-window loss over documents: {"loss_nats_per_token", "perplexity", "bpb", "tokens", "bytes", "documents"}.
 
-    `stride` defaults to half the scorer's context (HF's perplexity guide); each document starts a fresh context.
+    `stride` defaults to `default_stride` of the scorer's context; each document starts a fresh context.
     """
-    stride = stride or max(1, (scorer.context or 2) // 2)
+    stride = stride or default_stride(scorer.context)
     windows: list[Window] = []
     n_bytes = n_docs = 0
     for doc in docs:

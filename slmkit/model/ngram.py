@@ -30,9 +30,8 @@ import contextlib
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +40,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from slmkit import run
 from slmkit.errors import SlmError
 from slmkit.fsutil import atomic_dir, write_json
 from slmkit.metrics import bits_per_byte
+from slmkit.model.protocol import ParamCounts, Window
 from slmkit.sampling import SamplingParams, sample_next
 
 MAX_ORDER = 12
@@ -103,7 +104,12 @@ def _modified_discounts(counts: np.ndarray) -> list[float]:
 
 class NgramLM:
     """A fitted n-gram model: `nll(tokens)` scores a token array, `distribution(history)` gives the next-token
-    probabilities, `generate(ids, ...)` samples. Build with `NgramLM.fit(...)` or `NgramLM.load(run_dir)`."""
+    probabilities, `generate(ids, params)` samples. Build with `NgramLM.fit(...)` or `NgramLM.load(run_dir)`.
+    It is a `slmkit.model.protocol.LanguageModel` itself: evaluation and timing use it like the transformer."""
+
+    # the LanguageModel protocol: any length of input (the model cuts history to order-1 tokens itself)
+    model_class = "ngram"
+    context_length: int | None = None
 
     def __init__(self, config: NgramConfig, levels: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
         """`levels[k]` = (sorted context keys, sorted n-gram keys, counts) for contexts of length k = 0..order-1."""
@@ -130,6 +136,10 @@ class NgramLM:
             self.counts.append(counts)
             self._alpha.append(np.maximum(counts - d, 0.0) / total[cid])
             self._gamma.append(np.bincount(cid, weights=d, minlength=len(ctx)) / np.maximum(total, 1))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     # --- building -----------------------------------------------------------------------------------------------------
 
@@ -219,6 +229,17 @@ class NgramLM:
                 out[lo - 1 : pos[-1]] = -np.log(self._probs(toks, starts, pos))
         return out
 
+    def score(self, windows: Sequence[Window], *, context: int | None = None,
+              on_batch: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """The LanguageModel protocol's scoring: nats of the last n tokens of each (ids, n). `context` is ignored:
+        the model reads at most order-1 tokens of history by itself, so it is given whole documents."""
+        out = []
+        for ids, n in windows:
+            out.append(self.nll(np.asarray(ids))[-n:])
+            if on_batch is not None:
+                on_batch(1)
+        return out
+
     def evaluate(self, shard: Any, max_tokens: int | None = None) -> dict[str, float | int]:
         """Loss of a `Shard` (slmkit.data.load_split) in the eval.json "lm" schema: nats/token, perplexity, bpb."""
         if self.tokenizer_sha256 not in (None, shard.tokenizer_sha256):
@@ -254,29 +275,19 @@ class NgramLM:
             p[keys[lo:hi] % V] += self._alpha[k][lo:hi]
         return p
 
-    def generate(
-        self,
-        ids: Sequence[int],
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        *,
-        stop_ids: Sequence[int] = (),
-    ) -> Iterator[int]:
-        """Yield new token ids one at a time after `ids` (temperature 0 = greedy); stops after yielding a stop id.
-        Same sampling rules as the transformer's engine (temperature, top-k, top-p on log-probabilities)."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    def generate(self, ids: Sequence[int], params: SamplingParams | None = None, *,
+                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Yield new token ids one at a time after `ids` (an empty prompt starts a document); stops after yielding a
+        stop id. Same sampling rules as the transformer's engine (temperature, top-k, top-p on log-probabilities)."""
+        p = params or SamplingParams()
         if any(not 0 <= int(t) < self.config.vocab_size for t in ids):
             raise SlmError(f"prompt holds token ids outside the model's vocabulary of {self.config.vocab_size}")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
         ids = [int(t) for t in ids] or [self.config.bos_id]
-        for _ in range(max_new_tokens):
+        for _ in range(p.max_new_tokens):
             with np.errstate(divide="ignore"):
                 logits = torch.from_numpy(np.log(self.distribution(ids)))
-            nxt = sample_next(logits, torch.tensor(ids), params, gen)
+            nxt = sample_next(logits, torch.tensor(ids), p, gen)
             yield nxt
             if nxt in stop_ids:
                 return
@@ -287,6 +298,11 @@ class NgramLM:
     def num_params(self) -> int:
         """Stored numbers: one count per n-gram plus one key per context (the model's "parameters")."""
         return sum(len(k) + len(c) for k, c in zip(self.ngram_keys, self.ctx_keys, strict=True))
+
+    def params(self) -> ParamCounts:
+        """Every stored number is used by every token, and none is an embedding."""
+        n = self.num_params()
+        return ParamCounts(total=n, active=n, non_embedding=n)
 
     def save(self, directory: str | Path) -> None:
         """Write model.safetensors + config.json into an existing directory (callers make it atomic)."""
@@ -341,11 +357,9 @@ def train_ngram(
     PosixPath('runs/ngram-5')
     """
     from slmkit.data import load_meta, load_split, load_tokenizer
-    from slmkit.versions import versions
 
     data, out = Path(data), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SlmError(f"{out} already exists; pass --overwrite or choose another --out")
+    run.check_out(out, overwrite=overwrite, inputs=(data,))
     NgramConfig(order=order, discount=discount)  # a bad order/discount fails before any counting
     data_meta = load_meta(data)
     train_shard, val_shard = load_split(data, "train"), load_split(data, "val")
@@ -361,27 +375,24 @@ def train_ngram(
     eval_time = time.perf_counter() - t0
     say(f"counted in {train_time:.1f}s; val {val['loss_nats_per_token']:.4f} nats/token, {val['bpb']:.4f} bpb "
         f"(scored in {eval_time:.1f}s)")
-    meta = {
-        "kind": "slmkit-run/1",
-        "model_class": "ngram",
-        "data": str(data.resolve()),
-        "data_meta": {"tokenizer_sha256": train_shard.tokenizer_sha256, "bytes_per_token": val_shard.bytes_per_token,
-                      "train_sha256": train_shard.meta.get("sha256"), "train_tokens": len(train_shard.tokens),
-                      "source": data_meta.get("source"), "tokenizer": data_meta["tokenizer"]["spec"]},
-        "model": asdict(lm.config),
-        "params": {"total": lm.num_params(), "ngrams": [len(k) for k in lm.ngram_keys]},
-        "versions": versions(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "status": "finished",
-        "result": {"step": 0, "tokens": len(train_shard.tokens), "train_time": train_time,
-                   "tokens_per_s": len(train_shard.tokens) / max(train_time, 1e-9), "val_loss":
-                   val["loss_nats_per_token"], "val_bpb": val["bpb"], "num_params": lm.num_params(),
-                   "eval_time": eval_time, "status": "finished"},
-    }
+    meta = run.new_meta(
+        "ngram", parent=data, model_class="ngram", recipe={"order": order, "discount": discount},
+        data=str(data.resolve()),
+        data_meta={"tokenizer_sha256": train_shard.tokenizer_sha256, "bytes_per_token": val_shard.bytes_per_token,
+                   "train_sha256": train_shard.meta.get("sha256"), "train_tokens": len(train_shard.tokens),
+                   "source": data_meta.get("source"), "tokenizer": data_meta["tokenizer"]["spec"]},
+        model=asdict(lm.config),
+        params={"total": lm.num_params(), "ngrams": [len(k) for k in lm.ngram_keys]},
+        status="finished",
+        result={"step": 0, "tokens": len(train_shard.tokens), "train_time": train_time,
+                "tokens_per_s": len(train_shard.tokens) / max(train_time, 1e-9), "val_loss":
+                val["loss_nats_per_token"], "val_bpb": val["bpb"], "num_params": lm.num_params(),
+                "eval_time": eval_time, "status": "finished"},
+    )
     with atomic_dir(out, overwrite=True) as tmp:
         lm.save(tmp)
         shutil.copyfile(data / "tokenizer.json", tmp / "tokenizer.json")
-        write_json(tmp / "meta.json", meta)
+        run.write_meta(tmp, meta)
     return out
 
 

@@ -13,10 +13,12 @@ from typing import Any
 from slmkit.config import ModelConfig, TrainConfig, parse_duration
 from slmkit.data import BUILTIN_CORPORA, load_meta, prepare
 from slmkit.errors import SlmError
-from slmkit.eval.compare import _read_json, compare
+from slmkit.eval.compare import compare
+from slmkit.eval.report import claim_report_dir
 from slmkit.interop.gguf import import_gguf, named_gguf
 from slmkit.model.ngram import train_ngram
 from slmkit.recipes.quickstart import QUICKSTART_TRAIN
+from slmkit.run import kind_of, read_meta
 from slmkit.train import train
 
 # --- the spectrum recipe ---------------------------------------------------------------------------------------------
@@ -72,6 +74,10 @@ def run_recipe(
     if lm_sets is None:
         extra = BUILTIN_CORPORA[corpus].extra if corpus in BUILTIN_CORPORA else ()
         lm_sets = (f"{corpus}:val", *(f"{corpus}:{s}" for s in extra))
+    about = {"recipe": recipe, "budget_s": seconds, "corpus": corpus, "models": [list(m) for m in models],
+             "imported": imported, "train_overrides": train_overrides or {}}
+    # the data and runs go inside the report directory, so it is claimed (or recognised, when resuming) first
+    claim_report_dir(out, about)
     runs: list[Path] = []
     for name, preset, tokenizer in models:
         ngram = preset.startswith("ngram")
@@ -89,7 +95,7 @@ def run_recipe(
             prepare(corpus, tokenizer, data, overwrite=True, progress=progress)
         run = out / "runs" / name
         tc = TrainConfig(**{**QUICKSTART_TRAIN, "max_time": seconds, "threads": threads, **(train_overrides or {})})
-        done = _read_json(run / "meta.json")
+        done = read_meta(run) if kind_of(run) in ("train", "ngram") else {}
         # reuse only a run trained with this exact recipe (budget, optimizer, lr, ...); threads do not change results
         saved = {k: v for k, v in done.get("train", {}).items() if k != "threads"}
         same_recipe = ngram or saved == {k: v for k, v in tc.to_dict().items() if k != "threads"}
@@ -116,4 +122,4 @@ def run_recipe(
             runs.append(run)
     runs += [Path(r) for r in extra_runs]
     return compare(runs, out, lm_sets=lm_sets, tasks=tasks, limit=limit, efficiency=efficiency, threads=threads,
-                   max_bytes=max_bytes, context=context, progress=progress, say=say)
+                   max_bytes=max_bytes, context=context, progress=progress, recipe=about, say=say)

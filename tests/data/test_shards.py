@@ -104,6 +104,7 @@ def test_existing_tokenizer_is_reused(corpus: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "data3").exists()
 
 
+@pytest.mark.slow
 def test_dtype_uint32_and_forced_uint16(tmp_path: Path) -> None:
     root = tmp_path / "corpus"
     root.mkdir()

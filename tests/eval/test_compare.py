@@ -1,4 +1,5 @@
-"""`slm compare`: Pareto front, classification, eval.json reuse, the report files, and the recipe at a tiny budget."""
+"""`slm compare`: Pareto front, classification, eval.json reuse, the report directory and its files, and the recipe at
+a tiny budget. (What `slm eval` records so compare can reuse it: test_eval_run.py.)"""
 
 import json
 import math
@@ -8,9 +9,14 @@ import pytest
 
 import slmkit.eval
 from slmkit.cli import main
-from slmkit.eval.compare import _has_set, classify, compare, pareto_front
+from slmkit.errors import SlmError
+from slmkit.eval.compare import Request, compare
+from slmkit.eval.evaluate import checkpoint_stamp
+from slmkit.eval.pareto import classify, pareto_front
 from slmkit.model.ngram import train_ngram
 from slmkit.recipes.spectrum import run_recipe
+from slmkit.run import kind_of, read_meta
+from slmkit.runtime import available_cores
 
 
 def test_pareto_front_minimising_both_axes():
@@ -58,16 +64,22 @@ def _fake_run(root, name, spec):
     if train_time is not None:
         meta.update(status="finished", result={"train_time": train_time, "tokens": 1000})
     (run / "meta.json").write_text(json.dumps(meta))
-    lm = {s: {"loss_nats_per_token": b, "perplexity": 1.0, "bpb": b, "tokens": 10, "bytes": 20}
+    # measured as compare measures by default: fp32, whole sets, the model's own window, every core
+    how = {"weights": "fp32", "max_bytes": None, "context": 128, "stride": 64}
+    lm = {s: {"loss_nats_per_token": b, "perplexity": 1.0, "bpb": b, "tokens": 10, "bytes": 20, **how}
           for s, b in (("shakespeare:val", val), ("shakespeare:folio", folio))}
+    mmlu = {"acc": 0.25, "acc_norm": 0.26, "n": 57, "weights": "fp32", "shots": 0, "limit": None, "context": 128}
     ev = {"model": {"path": str(run), "name": name, "model_class": model_class, "params_total": total,
-                    "params_active": active, "bytes_on_disk": 1000, "tokenizer": tok, "block_size": 128},
-          "lm": lm, "tasks": {"mmlu": {"acc": 0.25, "acc_norm": 0.26, "n": 57}} if name == "big" else {},
-          "efficiency": {"decode_tok_s": tok_s, "peak_rss_mb": 300.0}, "versions": {}, "elapsed_s": 1.0}
+                    "params_active": active, "bytes_on_disk": 1000, "tokenizer": tok, "block_size": 128,
+                    "checkpoint": checkpoint_stamp(run)},
+          "lm": lm, "tasks": {"mmlu": mmlu} if name == "big" else {},
+          "efficiency": {"decode_tok_s": tok_s, "peak_rss_mb": 300.0, "weights": "fp32", "threads": available_cores()},
+          "versions": {}, "elapsed_s": 1.0}
     (run / "eval.json").write_text(json.dumps(ev))
     return run
 
 
+@pytest.mark.slow
 def test_compare_reuses_eval_json_and_writes_the_report(tmp_path, monkeypatch):
     def no_evaluate(*a, **k):
         raise AssertionError("eval.json covers the request; evaluate must not run")
@@ -94,38 +106,43 @@ def test_compare_reuses_eval_json_and_writes_the_report(tmp_path, monkeypatch):
     assert not re.search(r'src="(?!data:)', page)  # self-contained: no external image
 
 
+@pytest.mark.slow
 def test_compare_measures_what_is_missing_then_reuses_it(tiny_data, tmp_path, monkeypatch):
     run = train_ngram(tiny_data, tmp_path / "ng", order=3)
     corpus = tiny_data.parent / "corpus"
     sets = [f"{corpus}:val"]
-    res = compare([run], tmp_path / "r1", lm_sets=sets, say=lambda s: None)
-    row = res["rows"][0]
+    res = compare([run], tmp_path / "r1", lm_sets=sets, threads=1, say=lambda s: None)
+    row, eff = res["rows"][0], res["evals"]["ng"]["efficiency"]
     meta = json.loads((run / "meta.json").read_text())
     # the held-out docs of the run's own split, scored per document: close to the shard's (which adds end events)
     assert row["bpb"][sets[0]] == pytest.approx(meta["result"]["val_bpb"], rel=0.05)
     assert row["train_time_s"] == pytest.approx(meta["result"]["train_time"])
-    assert row["decode_tok_s"] > 0 and row["peak_rss_mb"] > 0  # n-gram decoding measured in its own process
+    # n-gram decoding timed by the same harness as a transformer's, in its own process
+    assert row["decode_tok_s"] > 0 and row["peak_rss_mb"] > 0 and "LanguageModel.generate" in eff["method"]
     assert (run / "eval.json").exists()
 
     monkeypatch.setattr(slmkit.eval, "evaluate", lambda *a, **k: pytest.fail("should reuse eval.json"))
-    again = compare([run], tmp_path / "r2", lm_sets=sets, say=lambda s: None)
+    again = compare([run], tmp_path / "r2", lm_sets=sets, threads=1, say=lambda s: None)
     assert again["rows"][0]["bpb"] == row["bpb"]
 
 
+@pytest.mark.slow
 def test_recipe_at_a_tiny_budget(tiny_data, tmp_path):
     corpus = str(tiny_data.parent / "corpus")
     notes = []
     models = [("ngram-3", "ngram-3", "char"), ("tiny-gpt", "gpt-0.8m", "byte"), ("nope", "no-such-preset", "char")]
     overrides = dict(max_steps=2, batch_size=2, eval_batches=1, threads=1, warmup_steps=1)
-    res = run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models, imported=False,
+    res = run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models, imported=False, threads=1,
                      train_overrides=overrides, efficiency=False, progress=False, say=notes.append)
     assert [r["name"] for r in res["rows"]] == ["ngram-3", "tiny-gpt"]
     assert [r["class"] for r in res["rows"]] == ["n-gram", "super-tiny"]  # gpt-0.8m at vocab 259: 0.83M params
     assert any("skipping nope" in n for n in notes)
     assert res["lm_sets"] == [f"{corpus}:val"]
     assert {p.name for p in (tmp_path / "spec").iterdir()} >= {"data-char", "data-byte", "runs", "report.md"}
+    recipe = read_meta(tmp_path / "spec", kinds=("report",))["lineage"]["recipe"]
+    assert recipe["recipe"] == "spectrum" and recipe["lm_sets"] == [f"{corpus}:val"] and len(recipe["runs"]) == 2
     notes.clear()
-    run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models[:2], imported=False,
+    run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models[:2], imported=False, threads=1,
                train_overrides=overrides, efficiency=False, progress=False, say=notes.append)
     assert sum("reusing the finished run" in n for n in notes) == 2  # an interrupted recipe resumes, not restarts
     notes.clear()
@@ -148,19 +165,53 @@ def test_compare_with_max_bytes_scores_a_prefix_and_remeasures_when_it_changes(t
     run = train_ngram(tiny_data, tmp_path / "ng", order=3)
     sets = [f"{tiny_data.parent / 'corpus'}:val"]
     notes: list[str] = []
-    res = compare([run], tmp_path / "r1", lm_sets=sets, max_bytes=2000, efficiency=False, say=notes.append)
+    res = compare([run], tmp_path / "r1", lm_sets=sets, max_bytes=2000, efficiency=False, threads=1, say=notes.append)
     ev = res["evals"]["ng"]["lm"][sets[0]]
     assert ev["bytes"] == 2000 and ev["max_bytes"] == 2000 and res["max_bytes"] == 2000
     assert "first 2,000 bytes" in (tmp_path / "r1" / "report.md").read_text()
-    whole = compare([run], tmp_path / "r2", lm_sets=sets, efficiency=False, say=notes.append)
+    whole = compare([run], tmp_path / "r2", lm_sets=sets, efficiency=False, threads=1, say=notes.append)
     assert whole["evals"]["ng"]["lm"][sets[0]]["bytes"] > 2000  # not the cached prefix
     assert not any("reusing" in n for n in notes)
 
 
-def test_has_set_matches_text_and_window():
-    ev = {"model": {"block_size": 256}, "lm": {"a": {"max_bytes": None, "context": 256},
-                                              "b": {"max_bytes": 1000, "context": 128}, "n": {"context": None}}}
-    assert _has_set(ev, "a", None) and _has_set(ev, "a", None, 1024)  # the cap exceeds the block: same window
-    assert not _has_set(ev, "a", None, 128) and not _has_set(ev, "a", 1000)
-    assert _has_set(ev, "b", 1000, 128) and not _has_set(ev, "b", 1000) and not _has_set(ev, "missing", None)
-    assert _has_set(ev, "n", None, 64)  # n-gram entries have no window
+def test_request_matches_every_setting_that_changes_a_number():
+    ev = {"model": {"block_size": 256},
+          "lm": {"a": {"weights": "fp32", "max_bytes": None, "context": 256, "stride": 128},
+                 "b": {"weights": "fp32", "max_bytes": 1000, "context": 128, "stride": 64},
+                 "q": {"weights": "int8", "max_bytes": None, "context": 256, "stride": 128},
+                 "s": {"weights": "fp32", "max_bytes": None, "context": 256, "stride": 7},
+                 "old": {"max_bytes": None, "context": 256, "stride": 128}},  # no weights recorded
+          "tasks": {"t": {"weights": "fp32", "shots": 0, "limit": 5, "context": 256}},
+          "efficiency": {"weights": "fp32", "threads": 1}}
+    plain, capped = Request(), Request(context=1024)
+    assert plain.has_set(ev, "a") and capped.has_set(ev, "a")  # a cap above the block: the same window
+    assert not Request(context=128).has_set(ev, "a") and not Request(max_bytes=1000).has_set(ev, "a")
+    assert Request(max_bytes=1000, context=128).has_set(ev, "b") and not plain.has_set(ev, "b")
+    assert not any(plain.has_set(ev, s) for s in ("q", "s", "old", "missing"))
+    assert Request(limit=5).has_task(ev, "t") and not plain.has_task(ev, "t") and not plain.has_task(ev, "t.yaml")
+    assert not Request(limit=5, shots=1).has_task(ev, "t")
+    assert Request(threads=1).has_efficiency(ev) and not Request(threads=2).has_efficiency(ev)
+    ngram = {"model": {"block_size": None}, "lm": {"n": {"weights": "fp32", "max_bytes": None, "context": None,
+                                                        "stride": 1}}}
+    assert Request(context=64).has_set(ngram, "n")  # an n-gram model has no window to cap
+
+
+@pytest.mark.slow
+def test_the_report_goes_only_into_a_report_directory(tmp_path, capsys):
+    runs = [_fake_run(tmp_path, name, spec) for name, spec in FAKE.items()]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not slmkit's")
+    for out in (mine, runs[1]):  # someone's files; a run directory
+        with pytest.raises(SlmError, match="refusing to write a report"):
+            compare(runs, out, say=lambda s: None)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (runs[1] / "report.md").exists()
+    assert main(["compare", *map(str, runs), "--out", str(mine), "--quiet"]) == 2
+    assert "refusing" in capsys.readouterr().err
+    report = tmp_path / "report"
+    compare(runs, report, say=lambda s: None)
+    assert kind_of(report) == "report"
+    assert read_meta(report)["lineage"]["recipe"]["runs"] == [str(r) for r in runs]
+    (report / "extra.txt").write_text("a note next to the report")
+    compare(runs[:2], report, say=lambda s: None)  # an earlier report is replaced in place
+    assert len(json.loads((report / "compare.json").read_text())["rows"]) == 2

@@ -13,10 +13,10 @@ from slmkit.eval.lm import (
     encode_documents,
     evaluate_docs,
     gpt_scorer,
-    lm_loss,
     resolve_text_set,
     sliding_windows,
 )
+from slmkit.metrics import lm_loss
 from slmkit.model import GPT
 from slmkit.tokenizer import Tokenizer
 

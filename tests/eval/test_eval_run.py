@@ -12,6 +12,7 @@ from slmkit.cli import main
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.eval import evaluate
+from slmkit.eval.compare import compare
 from slmkit.eval.evaluate import first_bytes
 from slmkit.model import GPT
 from slmkit.tokenizer import Tokenizer
@@ -100,20 +101,46 @@ def test_efficiency_hook(run, monkeypatch):
     assert m["model"]["weights"] == "int8"
 
 
-def test_max_bytes_scores_the_same_prefix_for_every_model(run):
-    full = evaluate(run, lm=["shakespeare:val"])["lm"]["shakespeare:val"]
-    cut = evaluate(run, lm=["shakespeare:val"], max_bytes=5000)["lm"]["shakespeare:val"]
-    assert cut["bytes"] == 5000 < full["bytes"] and cut["max_bytes"] == 5000
+def test_max_bytes_scores_the_same_prefix_for_every_model(run, tiny_data):
+    sets = [f"{tiny_data.parent / 'corpus'}:val"]
+    full = evaluate(run, lm=sets, threads=1)["lm"][sets[0]]
+    cut = evaluate(run, lm=sets, max_bytes=1500, threads=1)["lm"][sets[0]]
+    assert cut["bytes"] == 1500 < full["bytes"] and cut["max_bytes"] == 1500 and full["max_bytes"] is None
     assert first_bytes(["ab", "cdé", "fg"], 5) == ["ab", "cd"]  # é is 2 bytes: cut before it, never inside
     assert first_bytes(["ab", "cd"], 100) == ["ab", "cd"]
     with pytest.raises(SlmError, match="max_bytes"):
-        evaluate(run, lm=["shakespeare:val"], max_bytes=0)
+        evaluate(run, lm=sets, max_bytes=0)
 
 
-def test_quantized_weights_score_close_to_fp32(run):
-    fp32 = evaluate(run, lm=["shakespeare:val"], max_bytes=20000)["lm"]["shakespeare:val"]["bpb"]
-    int8 = evaluate(run, lm=["shakespeare:val"], max_bytes=20000, weights="int8")["lm"]["shakespeare:val"]["bpb"]
-    assert int8 != fp32 and abs(int8 - fp32) < 0.02 * fp32
+def test_quantized_weights_score_close_to_fp32_and_count_the_same_params(run, tiny_data):
+    sets = [f"{tiny_data.parent / 'corpus'}:val"]
+    fp32, int8 = (evaluate(run, lm=sets, weights=w, threads=1) for w in ("fp32", "int8"))
+    a, b = fp32["lm"][sets[0]]["bpb"], int8["lm"][sets[0]]["bpb"]
+    assert b != a and abs(b - a) < 0.02 * a
+    assert int8["lm"][sets[0]]["weights"] == "int8" and int8["model"]["weights"] == "int8"
+    # the model's parameters, not what quantizing leaves as parameters (packed weights are buffers)
+    assert int8["model"]["params_total"] == fp32["model"]["params_total"]
+
+
+def test_default_set_is_the_val_split_of_the_runs_own_training_text(run, tiny_data):
+    data_meta = json.loads((tiny_data / "meta.json").read_text())
+    own = f"{data_meta['source']}:val"
+    m = evaluate(run, threads=1)
+    assert list(m["lm"]) == [own]
+    assert m["lm"][own]["bytes"] == data_meta["splits"]["val"]["bytes"] and m["lm"][own]["val_fraction"] == 0.2
+    assert main(["eval", str(run), "--quiet", "--threads", "1"]) == 0  # `slm eval RUN` with no --lm: the same set
+    assert list(json.loads((run / "eval.json").read_text())["lm"]) == [own]
+
+
+def test_a_model_with_no_training_text_must_name_its_sets(tmp_path, capsys):
+    tok = Tokenizer.train("byte", [])
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    checkpoint.save(tmp_path / "imported", model, tok, {"model_class": "imported"})  # as `slm import` writes
+    with pytest.raises(SlmError, match="--lm"):
+        evaluate(tmp_path / "imported")
+    assert main(["eval", str(tmp_path / "imported"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no training text of its own" in err and "--lm shakespeare:val" in err and err.count("\n") == 1
 
 
 def test_moe_checkpoint_reports_active_params(tmp_path):
@@ -127,3 +154,46 @@ def test_moe_checkpoint_reports_active_params(tmp_path):
     info = m["model"]
     assert info["model_class"] == "moe" and info["params_active"] < info["params_total"]
     assert m["lm"][str(tmp_path / "t.txt")]["tokens"] == 300  # byte tokenizer + BOS: every byte scored
+
+
+@pytest.mark.parametrize("flags", [
+    ["--weights", "int8", "--limit", "1"],  # the reported case: an int8, one-question eval became the fp32 row
+    ["--weights", "bf16"],
+    ["--stride", "7"],
+    ["--shots", "1"],
+])
+@pytest.mark.slow
+def test_compare_measures_again_what_slm_eval_measured_differently(run, task_file, tiny_data, tmp_path, flags):
+    sets, task = [f"{tiny_data.parent / 'corpus'}:val"], str(task_file)
+    assert main(["eval", str(run), "--lm", sets[0], "--task", task, *flags, "--quiet", "--threads", "1"]) == 0
+    notes: list[str] = []
+    res = compare([run], tmp_path / "report", lm_sets=sets, tasks=[task], efficiency=False, threads=1,
+                  say=notes.append)
+    assert not any("reusing" in n for n in notes)
+    got, want = res["evals"]["run"], evaluate(run, lm=sets, tasks=[task], threads=1)
+    assert got["lm"][sets[0]]["bpb"] == want["lm"][sets[0]]["bpb"]
+    assert {k: got["tasks"]["tiny"][k] for k in ("acc", "n", "shots")} == {k: want["tasks"]["tiny"][k]
+                                                                           for k in ("acc", "n", "shots")}
+    notes.clear()  # now measured as compare measures: reused
+    compare([run], tmp_path / "report", lm_sets=sets, tasks=[task], efficiency=False, threads=1, say=notes.append)
+    assert notes == [f"run: reusing {run / 'eval.json'}"]
+
+
+@pytest.mark.slow
+def test_an_eval_json_is_reused_only_for_the_checkpoint_and_settings_it_records(run, tiny_data, tmp_path):
+    sets, notes = [f"{tiny_data.parent / 'corpus'}:val"], []
+
+    def measured_again() -> bool:
+        notes.clear()
+        compare([run], tmp_path / "report", lm_sets=sets, efficiency=False, threads=1, say=notes.append)
+        return not any("reusing" in n for n in notes)
+
+    assert measured_again()
+    ev = json.loads((run / "eval.json").read_text())
+    del ev["lm"][sets[0]]["weights"]  # as written before eval.json recorded its settings
+    (run / "eval.json").write_text(json.dumps(ev))
+    assert measured_again() and not measured_again()
+    ckpt = checkpoint.resolve(run)  # the same step retrained: other weights under the same name
+    torch.manual_seed(1)
+    checkpoint.save(ckpt, GPT(checkpoint.load(ckpt).model.config), Tokenizer.train("byte", []), {"step": 3})
+    assert measured_again()

@@ -52,6 +52,7 @@ def windowed_greedy(m: GPT, prompt: list[int], n_new: int, keep: int | None) -> 
 PAST = [(7 * i + 3) % 50 for i in range(60)]  # + 40 new tokens in a 64-token window: shifts at new tokens 5, 22, 39
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "pos"), [*((k, "rope") for k in ("full", "local", "blocksparse", "linear", "lsh")),
                                            ("full", "learned"), ("local", "learned")])  # absolute positions restart
 def test_past_the_context_each_path_computes_its_documented_function(kind, pos):

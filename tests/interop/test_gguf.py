@@ -160,6 +160,7 @@ def test_quantized_import_is_close_to_the_original(tmp_path, q):
     assert 0 < err < bound if q != "F16" else err < bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", [{"attn_q": "Q8_0", "attn_k": "Q4_0", "ffn_down": "Q4_1", "ffn_up": "F16"},
                                  {"attn_q": "Q4_K", "attn_k": "Q6_K", "ffn_gate": "Q4_K", "ffn_down": "Q6_K"}])
 def test_logits_match_transformers_loading_the_same_gguf(tmp_path, mix):

@@ -1,4 +1,5 @@
-"""The Kneser-Ney n-gram baseline: equal to NLTK's KneserNeyInterpolated, normalised, document-aware, round-trips."""
+"""The Kneser-Ney n-gram baseline: equal to NLTK's KneserNeyInterpolated, normalised, document-aware, round-trips, and
+a `LanguageModel` like the transformer."""
 
 import random
 
@@ -9,6 +10,8 @@ from slmkit import LLM, SlmError
 from slmkit.cli import main
 from slmkit.data import load_split
 from slmkit.model.ngram import NgramLM, _modified_discounts, train_ngram
+from slmkit.model.protocol import LanguageModel, ParamCounts
+from slmkit.sampling import SamplingParams
 
 WORDS = "the king is dead long live the king my lord what say you to this fair maid".split()
 V, BOS = len(WORDS) + 2, len(WORDS)  # one id (V-1) never occurs in any text
@@ -144,6 +147,25 @@ def test_llm_generates_from_an_ngram_run(run):
     greedy = llm.generate("the king", max_new_tokens=30, temperature=0)
     assert greedy == llm.generate("the king", max_new_tokens=30, temperature=0)
     assert any(w in greedy for w in WORDS if len(w) > 2)  # the corpus's words, not noise
+
+
+def test_the_model_speaks_the_language_model_protocol(run, tiny_data):
+    lm = NgramLM.load(run)
+    assert isinstance(lm, LanguageModel) and lm.model_class == "ngram" and lm.context_length is None
+    shard = load_split(tiny_data, "val")
+    val = shard.tokens[:60]
+    short, whole = lm.score([(val[:30].tolist(), 4), (val.tolist(), 59)], context=8)  # no window: context is moot
+    np.testing.assert_array_equal(short, lm.nll(val[:30])[-4:])
+    np.testing.assert_array_equal(whole, lm.nll(val))
+    n = lm.num_params()
+    assert lm.params() == ParamCounts(total=n, active=n, non_embedding=n) and lm.vocab_size == shard.vocab_size
+    params = SamplingParams(25, temperature=0.8, top_k=5, seed=3)
+    a = list(lm.generate([lm.config.bos_id], params))
+    assert a == list(lm.generate([lm.config.bos_id], params)) and 0 < len(a) <= 25
+    stop = a[3]
+    assert list(lm.generate([lm.config.bos_id], params, stop_ids=[stop])) == a[: a.index(stop) + 1]
+    with pytest.raises(SlmError, match="no weights to quantize"):
+        LLM.load(run, weights="int8")
 
 
 def test_corrupt_run_is_a_user_error(run, tmp_path):
