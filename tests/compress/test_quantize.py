@@ -129,7 +129,7 @@ def test_without_kernels_pytorch_computes_the_dequantized_model(monkeypatch, kw)
 
 
 def test_bad_dtype_is_a_clear_error():
-    with pytest.raises(SlmError, match=r"int4.*fp32, bf16 or int8"):
-        quantize(_model(), "int4")  # type: ignore[arg-type]
+    with pytest.raises(SlmError, match=r"'int2' is not supported; use one of fp32, bf16, int8, int4"):
+        quantize(_model(), "int2")  # type: ignore[arg-type]
     model = _model()
     assert quantize(model, "fp32") is model
