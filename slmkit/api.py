@@ -16,11 +16,12 @@ from typing import Any
 
 from slmkit import checkpoint
 from slmkit.compress.quantize import WeightDtype, quantize
+from slmkit.compress.stage import load_quantized
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.infer.neural import NeuralLM
 from slmkit.model.ngram import NgramLM
-from slmkit.model.protocol import LanguageModel
+from slmkit.model.protocol import LanguageModel, ParamCounts
 from slmkit.run import kind_of, read_meta
 from slmkit.runtime import set_threads
 from slmkit.sampling import SamplingParams
@@ -45,9 +46,9 @@ class LLM:
     def load(cls, path: str | Path, *, threads: int | None = None, weights: WeightDtype = "fp32") -> LLM:
         """Load a checkpoint directory, a run directory (its latest checkpoint) or an n-gram run.
 
-        weights: "int8" or "bf16" quantize the linear layers for inference (slmkit.compress.quantize): 4x / 2x fewer
-        bytes read per generated token: SmolLM2-135M decoded 2.8-4.3x / 2.0-2.1x faster than fp32 on two 2-core
-        machines (docs/benchmarks.md).
+        weights: "int8", "int4" (group 32) or "bf16" quantize the linear layers in memory after loading
+        (slmkit.compress.quantize): fewer bytes read per generated token, so faster decoding (docs/benchmarks.md). A
+        checkpoint written by `slm quantize` is loaded packed, as it is, with no fp32 copy.
         """
         set_threads(threads)
         path = Path(path)
@@ -55,7 +56,14 @@ class LLM:
             if weights != "fp32":
                 raise SlmError(f"{path} is an n-gram model: it has no weights to quantize; drop --weights")
             return cls(NgramLM.load(path), Tokenizer.load(path / "tokenizer.json"), read_meta(path), path)
-        ckpt = checkpoint.load(path)
+        ckpt_dir = checkpoint.resolve(path)
+        if kind_of(ckpt_dir) == "quantize":  # slm quantize wrote it: packed weights, installed without an fp32 copy
+            meta = read_meta(ckpt_dir)
+            if weights != "fp32":
+                raise SlmError(f"{path} is already quantized ({meta['quantization']['weights']}); drop --weights")
+            lm = NeuralLM(load_quantized(ckpt_dir), meta.get("model_class"), params=ParamCounts(**meta["counts"]))
+            return cls(lm, Tokenizer.load(ckpt_dir / "tokenizer.json"), meta, ckpt_dir)
+        ckpt = checkpoint.load(ckpt_dir)
         run_dir = ckpt.path.parent.parent  # run/checkpoints/step_N → run
         in_run = ckpt.path.parent.name == "checkpoints" and kind_of(run_dir) is not None
         meta = {**(read_meta(run_dir) if in_run else {}), **ckpt.meta}

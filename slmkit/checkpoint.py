@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from slmkit import run
 from slmkit.config import ModelConfig
@@ -74,8 +76,8 @@ def resolve(path: str | Path) -> Path:
 
 def _state_dict(model: GPT) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # same storage as tok_emb.weight; safetensors refuses shared tensors
+    if model.lm_head.weight is model.tok_emb.weight:  # tied: one tensor (safetensors refuses shared storage)
+        sd.pop("lm_head.weight", None)
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
@@ -113,7 +115,7 @@ def read_model(directory: str | Path) -> GPT:
     directory = Path(directory)
     cfg = ModelConfig.load(directory / "config.json")
     weights = directory / "model.safetensors"
-    return model_from_state_dict(cfg, _read_weights(weights), str(weights)).eval()
+    return model_from_state_dict(cfg, read_weights(weights), str(weights)).eval()
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -124,12 +126,16 @@ def load(path: str | Path) -> Checkpoint:
     return Checkpoint(ckpt, model, tokenizer, read_json(ckpt / "meta.json"))
 
 
-def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], origin: str) -> GPT:
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], origin: str,
+                          prepare: Callable[[GPT], None] | None = None) -> GPT:
     """A GPT of `cfg` holding exactly the tensors of `sd` (a tied head may be absent), adopted rather than copied: the
     model is built on the meta device, so there is no random init and a 135M model's load peaks at its size, not twice
-    it. Derived buffers (RoPE tables, sinusoidal positions) are computed afterwards."""
+    it. Derived buffers (RoPE tables, sinusoidal positions) are computed afterwards. `prepare(model)` may swap modules
+    of the still-empty model first (a quantized checkpoint installs its packed layers: slmkit.compress.stage)."""
     with torch.device("meta"):
         model = GPT(cfg)
+    if prepare is not None:
+        prepare(model)
     _fill(model, sd, origin, assign=True)
     model.build_buffers()
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -140,10 +146,10 @@ def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], origin:
 
 def load_weights(model: GPT, file: Path) -> None:
     """Copy the weights of `file` into `model` (same config; resume), strictly."""
-    _fill(model, _read_weights(file), str(file), assign=False)
+    _fill(model, read_weights(file), str(file), assign=False)
 
 
-def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as e:
@@ -153,7 +159,7 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
 
 def _fill(model: GPT, sd: dict[str, torch.Tensor], origin: str, *, assign: bool) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
-    tied = model.config.tie_embeddings
+    tied = model.config.tie_embeddings and isinstance(model.lm_head, nn.Linear)  # a quantized head has its own copy
     missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if missing or unexpected:
         raise SlmError(f"weights {origin} do not match the model config: missing {missing[:3]}, "

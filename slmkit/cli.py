@@ -26,6 +26,7 @@ examples:
   slm generate runs/smollm2 --chat --prompt "What is the capital of France?" --temperature 0 --weights int8
   slm eval runs/smollm2 --lm shakespeare:val --task mmlu --limit 20   # bpb + MMLU → runs/smollm2/eval.json
   slm compare runs/shk-small runs/smollm2 --out reports/mine   # side by side: bpb, size, speed, Pareto plots
+  slm quantize runs/shk-small --weights int4 --group 32 --out runs/shk-int4   # a packed 4-bit checkpoint
 """
 
 MORE_EXAMPLES = """\
@@ -40,6 +41,8 @@ MORE_EXAMPLES = """\
   slm eval runs/shk-small --lm shakespeare:folio --efficiency   # out-of-domain bpb + speed and memory
   slm compare --recipe spectrum --budget 3m --out reports/spectrum   # train a standard set of models, then compare
   slm presets --vocab-size 2048
+  slm quantize runs/shk-small --weights int4 --method gptq --out runs/shk-gptq   # calibrated on its training data
+  slm quantize runs/smollm2 --weights int8 --out runs/smollm2-int8
 """
 
 
@@ -199,6 +202,20 @@ def cmd_generate(a: argparse.Namespace) -> None:
         if a.num_samples > 1:
             sys.stdout.write("-" * 40 + "\n")
             kwargs["seed"] = None if a.seed is None else kwargs["seed"] + 1
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from slmkit.compress.stage import bits_text, quantize_run
+    from slmkit.run import read_meta
+
+    out = quantize_run(a.run, a.out, weights=a.weights, group=a.group, method=a.method, calib=a.calib,
+                       calib_samples=a.calib_samples, calib_len=a.calib_len, overwrite=a.overwrite)
+    meta = read_meta(out)
+    q = meta["quantization"]
+    size = (out / "model.safetensors").stat().st_size
+    group = f" group {q['group']}" if q["group"] else ""
+    print(f"quantized {a.run} to {q['weights']}{group} ({q['method']}) in {meta['quantize_time']:.1f}s: "
+          f"{bits_text(meta['storage'])}; model.safetensors {size / 1e6:.1f} MB → {out}")
 
 
 def cmd_import(a: argparse.Namespace) -> None:
@@ -367,8 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the model's chat template (imported chat models)")
     g.add_argument("--threads", type=int)
-    g.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="weight precision for generation: int8/bf16 read 4x/2x fewer bytes per token (faster on CPU)")
+    g.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
+                   help="quantize the linear layers in memory after loading: int8/int4/bf16 read ~4x/~7x/2x fewer "
+                        "bytes per token (faster on CPU); `slm quantize` writes a quantized checkpoint instead")
+
+    qz = add("quantize", cmd_quantize, "write a quantized checkpoint (int8, or int4 by round-to-nearest/GPTQ/AWQ)")
+    qz.add_argument("run", help="run or checkpoint directory to quantize (native or imported)")
+    qz.add_argument("--weights", choices=["int8", "int4"], default="int8",
+                    help="int8: one scale per row (~1 byte/weight); int4: one fp16 scale per group (4.5 bits at 32)")
+    qz.add_argument("--group", type=int, default=32, choices=[32, 64, 128], help="int4: weights per scale (default 32)")
+    qz.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                    help="rtn: round to nearest; gptq/awq (int4): calibrated on --calib text to lose less quality")
+    qz.add_argument("--calib", metavar="SET",
+                    help="calibration text, named like slm eval --lm (default: the run's own training data)")
+    qz.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    qz.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    qz.add_argument("--out", required=True, help="checkpoint directory to create")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing --out that slmkit wrote")
 
     imp_parser = sub.add_parser("import", help="turn a GGUF file or transformers checkpoint into an slmkit checkpoint")
     imp = imp_parser.add_subparsers(dest="import_cmd", required=True, metavar="FORMAT")
@@ -396,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--context", type=int, help="longest context in tokens (default: the model's block size)")
     ev.add_argument("--max-bytes", type=int, help="score only the first N bytes of each text set (quick runs)")
     ev.add_argument("--efficiency", action="store_true", help="also measure speed, memory and size")
-    ev.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",
+    ev.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
                     help="quantize the linear layers first (measure a compressed model)")
     ev.add_argument("--threads", type=int)
     ev.add_argument("--out", help="metrics JSON to write (default: RUN/eval.json)")

@@ -36,8 +36,9 @@ KINDS = {
     "import": "a checkpoint imported from GGUF or transformers (slm import)",
     "checkpoint": "one checkpoint inside a run (run/checkpoints/step_N)",
     "report": "an slm compare report",
+    "quantize": "a quantized checkpoint (slm quantize)",
 }
-MODEL_KINDS = ("train", "ngram", "import", "checkpoint")
+MODEL_KINDS = ("train", "ngram", "import", "checkpoint", "quantize")
 
 
 def now() -> str:

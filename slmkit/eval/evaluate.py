@@ -27,9 +27,10 @@ from typing import Any
 
 from slmkit.api import LLM
 from slmkit.compress.quantize import WeightDtype
+from slmkit.data.textsets import resolve_text_set
 from slmkit.errors import SlmError
 from slmkit.eval import efficiency as efficiency_of
-from slmkit.eval.lm import default_stride, encode_documents, evaluate_docs, resolve_text_set, scorer
+from slmkit.eval.lm import default_stride, encode_documents, evaluate_docs, scorer
 from slmkit.eval.mc import run_task
 from slmkit.runtime import set_threads
 from slmkit.versions import versions

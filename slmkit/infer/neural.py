@@ -37,14 +37,15 @@ class NeuralLM:
     """
 
     def __init__(self, module: GPT, model_class: str | None = None, *, batch_tokens: int = 4096,
-                 head_rows: int = 1024, precision: str = "fp32"):
+                 head_rows: int = 1024, precision: str = "fp32", params: ParamCounts | None = None):
         self.module = module.eval()
         # dense | moe | imported: recorded by whatever wrote the model, else read off its config
         self.model_class = model_class or run.model_class({"model": module.config.to_dict()})
         self.batch_tokens, self.head_rows, self.precision = batch_tokens, head_rows, precision
         # counted now: quantizing the module afterwards turns its linear weights into buffers, which are not parameters
+        # (a model loaded already quantized passes the counts its fp32 parent had)
         n = module.num_params
-        self._params = ParamCounts(n(), n(active=True), n(non_embedding=True))
+        self._params = params or ParamCounts(n(), n(active=True), n(non_embedding=True))
 
     @property
     def context_length(self) -> int:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from slmkit.config import ModelConfig
+from slmkit.data.textsets import resolve_text_set
 from slmkit.eval.lm import (
     TextDoc,
     encode_documents,
     evaluate_docs,
     gpt_scorer,
-    resolve_text_set,
     sliding_windows,
 )
 from slmkit.metrics import lm_loss

@@ -75,7 +75,7 @@ def test_cli_eval_bad_run_is_one_line(tmp_path, capsys):
 
 def test_ngram_run_is_scored_by_the_same_evaluator(tmp_path, tiny_data):
     from slmkit.data import load_tokenizer
-    from slmkit.eval.lm import resolve_text_set
+    from slmkit.data.textsets import resolve_text_set
     from slmkit.model.ngram import NgramLM, train_ngram
 
     run = train_ngram(tiny_data, tmp_path / "ngram", order=3)
