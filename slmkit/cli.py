@@ -43,6 +43,7 @@ MORE_EXAMPLES = """\
   slm presets --vocab-size 2048
   slm quantize runs/shk-small --weights int4 --method gptq --out runs/shk-gptq   # calibrated on its training data
   slm quantize runs/smollm2 --weights int8 --out runs/smollm2-int8
+  slm eval runs/shk-int4 --kl-to parent   # bpb and KL divergence from the model it was quantized from
 """
 
 
@@ -238,7 +239,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     lm = a.lm if a.lm is not None else ([] if a.task else None)  # None: the run's own held-out split
     metrics = evaluate(a.run, lm=lm, tasks=a.task or [], shots=a.shots, limit=a.limit, efficiency=a.efficiency,
                        threads=a.threads, progress=not a.quiet, stride=a.stride, context=a.context,
-                       max_bytes=a.max_bytes, weights=a.weights)
+                       max_bytes=a.max_bytes, weights=a.weights, kl_to=a.kl_to)
     out = Path(a.out) if a.out else Path(a.run) / "eval.json"
     write_json(out, metrics)
     console().print(metrics_table(metrics))
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--efficiency", action="store_true", help="also measure speed, memory and size")
     ev.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
                     help="quantize the linear layers first (measure a compressed model)")
+    ev.add_argument("--kl-to", metavar="DIR|parent",
+                    help="also the per-token KL divergence from a reference model on each text set (parent: the one "
+                         "this model was quantized from, per its meta.json)")
     ev.add_argument("--threads", type=int)
     ev.add_argument("--out", help="metrics JSON to write (default: RUN/eval.json)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -25,11 +25,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from slmkit import run
 from slmkit.api import LLM
 from slmkit.compress.quantize import WeightDtype
 from slmkit.data.textsets import resolve_text_set
 from slmkit.errors import SlmError
 from slmkit.eval import efficiency as efficiency_of
+from slmkit.eval.kl import kl_divergence
 from slmkit.eval.lm import default_stride, encode_documents, evaluate_docs, scorer
 from slmkit.eval.mc import run_task
 from slmkit.runtime import set_threads
@@ -136,6 +138,7 @@ def evaluate(
     context: int | None = None,
     max_bytes: int | None = None,
     weights: WeightDtype = "fp32",
+    kl_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint, run or n-gram run directory; returns the eval.json dict (see the module docstring).
 
@@ -146,8 +149,9 @@ def evaluate(
     `shots`-shot, at most `limit` questions per subject. `efficiency`: also time prefill, time to first token and
     decoding and read the peak memory, in a fresh process with `threads` threads (`slmkit.eval.efficiency.measure`).
     `max_bytes`: score only the first N bytes of each text set (documents in order, the last one cut), the same text
-    for every model. `weights`: "int8"/"bf16" quantize the linear layers first (slmkit.compress.quantize), so a
-    compressed model is measured like any other.
+    for every model. `weights`: "int8"/"int4"/"bf16" quantize the linear layers first (slmkit.compress.quantize), so a
+    compressed model is measured like any other. `kl_to`: a reference model (a directory, or "parent": the one its
+    meta.json lineage names) — each text set also gets the per-token KL divergence from it (slmkit.eval.kl).
 
     >>> m = evaluate("runs/smollm2", lm=["shakespeare:val"], tasks=["mmlu"], limit=20)  # doctest: +SKIP
     >>> m["lm"]["shakespeare:val"]["bpb"], m["tasks"]["mmlu"]["acc"]  # doctest: +SKIP
@@ -161,7 +165,10 @@ def evaluate(
     # first, so a model the harness cannot time fails before minutes of scoring; in a fresh process, so the peak RSS
     # is the model's own
     eff = efficiency_of.measure(llm.path, threads=threads, weights=weights) if efficiency else None
+    reference = None if kl_to is None else LLM.load(_reference(llm, kl_to, path), threads=threads)
     out: dict[str, Any] = {"model": {**model_info(llm, path), "weights": weights}, "lm": {}, "tasks": {}}
+    if reference is not None:
+        out["kl"] = {}
     with _progress(progress) as bar:
         task_id = bar.add_task("", total=None)
 
@@ -179,6 +186,10 @@ def evaluate(
             res = evaluate_docs(score, docs, stride=stride)
             out["lm"][name] = {**res, **about, "weights": weights, "context": score.context,
                                "stride": stride or default_stride(score.context), "max_bytes": max_bytes}
+            if reference is not None:
+                bar.reset(task_id, description=f"KL to {reference.path} on {name}", total=None)
+                out["kl"][name] = {**kl_divergence(llm, reference, texts, context=context, stride=stride),
+                                   "reference": str(reference.path), "weights": weights, "max_bytes": max_bytes}
         for task in tasks:
             bar.reset(task_id, description=f"task {task}", total=None)
             res = run_task(score, llm.tokenizer, task, shots=shots, limit=limit,
@@ -189,6 +200,16 @@ def evaluate(
     out["versions"] = versions()
     out["elapsed_s"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def _reference(llm: LLM, kl_to: str | Path, given: str | Path) -> Path:
+    """The directory `kl_to` names; "parent" is the parent recorded in the model's lineage."""
+    if str(kl_to) != "parent":
+        return Path(kl_to)
+    parent = ((llm.meta.get("lineage") or {}).get("parent") or {}).get("path")
+    if not parent or run.kind_of(parent) not in run.MODEL_KINDS:  # a trained run's parent is its data
+        raise SlmError(f"{given} records no parent model to compare with (its meta.json lineage); give --kl-to DIR")
+    return Path(parent)
 
 
 def metrics_table(metrics: dict[str, Any]) -> Any:
@@ -210,9 +231,18 @@ def metrics_table(metrics: dict[str, Any]) -> Any:
         limit = "" if r["limit"] is None else f", ≤{r['limit']}/subj"
         label = f"{name} {r['shots']}-shot{limit}"
         table.add_row(label, "", "", "", f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", f"{r['n']:,}")
-    if not metrics.get("efficiency"):
-        return table
-    return Group(table, _efficiency_table(metrics["efficiency"], m))
+    parts = [table]
+    if metrics.get("kl"):
+        kl = Table(title="KL divergence from the reference, nats/token", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("set", "mean", "median", "p99", "max", "same top-1", "tokens"):
+            kl.add_column(col, justify="left" if col == "set" else "right", no_wrap=True)
+        for name, r in metrics["kl"].items():
+            kl.add_row(name, f"{r['kl_mean']:.5f}", f"{r['kl_median']:.5f}", f"{r['kl_p99']:.4f}", f"{r['kl_max']:.3f}",
+                       f"{100 * r['top1_agree']:.2f} %", f"{r['tokens']:,}")
+        parts.append(kl)
+    if metrics.get("efficiency"):
+        parts.append(_efficiency_table(metrics["efficiency"], m))
+    return parts[0] if len(parts) == 1 else Group(*parts)
 
 
 def _efficiency_table(e: dict[str, Any], m: dict[str, Any]) -> Any:

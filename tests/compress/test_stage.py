@@ -1,6 +1,7 @@
 """`slm quantize`: packed checkpoints that load as they are, with lineage, and refuse what they cannot be."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,23 @@ def test_cli_quantize_then_generate(trained, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("the")
     assert main(["quantize", str(out), "--out", str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_kl_to_the_parent_orders_the_bit_widths(trained, tmp_path):
+    from slmkit.eval import evaluate
+
+    data = json.loads((trained / "meta.json").read_text())["lineage"]["parent"]["path"]
+    text = f"{json.loads((Path(data) / 'meta.json').read_text())['source']}:val"
+    same = evaluate(trained, lm=[text], kl_to=trained, threads=1)["kl"][text]
+    assert same["kl_mean"] == 0 and same["top1_agree"] == 1
+    kl = {}
+    for weights in ("int8", "int4"):
+        q = quantize_run(trained, tmp_path / weights, weights=weights)
+        res = evaluate(q, lm=[text], kl_to="parent", threads=1)
+        kl[weights] = res["kl"][text]
+        assert res["kl"][text]["reference"] == str(checkpoint.resolve(trained).resolve())
+        assert res["kl"][text]["tokens"] == res["lm"][text]["tokens"]  # every scored token
+    assert 0 < kl["int8"]["kl_mean"] < kl["int4"]["kl_mean"] < 0.5
+    assert kl["int8"]["top1_agree"] >= kl["int4"]["top1_agree"]
+    with pytest.raises(SlmError, match="records no parent"):
+        evaluate(trained, lm=[text], kl_to="parent", threads=1)
