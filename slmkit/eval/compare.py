@@ -75,6 +75,24 @@ class Request:
     def has_efficiency(self, ev: dict[str, Any]) -> bool:
         return _has(ev.get("efficiency"), weights=self.weights, threads=self.threads or available_cores())
 
+    def has_kl(self, ev: dict[str, Any], name: str, reference: str) -> bool:
+        T = self.window(ev)
+        return _has(ev.get("kl", {}).get(name), weights=self.weights, max_bytes=self.max_bytes, context=T,
+                    stride=default_stride(T), reference=reference)
+
+
+def parent_model(run: Path) -> str | None:
+    """The checkpoint a compressed model was made from (its lineage parent), as eval.json records it; None for a
+    model that was not made from another (trained, counted, imported)."""
+    from slmkit import checkpoint
+    from slmkit import run as runs
+
+    ckpt = checkpoint.resolve(run) if runs.kind_of(run) != "ngram" else run
+    if runs.kind_of(ckpt) != "quantize":
+        return None
+    parent = (runs.read_meta(ckpt).get("lineage") or {}).get("parent") or {}
+    return str(Path(parent["path"]).resolve()) if runs.kind_of(parent.get("path", "")) in runs.MODEL_KINDS else None
+
 
 def _existing(run: str | Path) -> Path:
     run = Path(run)
@@ -98,7 +116,9 @@ def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Se
     if ev.get("model", {}).get("checkpoint") != checkpoint_stamp(checkpoint.resolve(run)):
         ev = {}  # measured on other weights (or recorded before eval.json pinned them): nothing in it holds
     req = Request(max_bytes=max_bytes, context=context, limit=limit, threads=threads)
-    missing_sets = [s for s in lm_sets if not req.has_set(ev, s)]
+    parent = parent_model(run)  # a quantized model is also measured against its parent: KL on the in-domain set
+    kl_missing = parent is not None and bool(lm_sets) and not req.has_kl(ev, lm_sets[0], parent)
+    missing_sets = [s for s in lm_sets if not req.has_set(ev, s) or (kl_missing and s == lm_sets[0])]
     missing_tasks = [t for t in tasks if not req.has_task(ev, t)]
     need_eff = efficiency and not req.has_efficiency(ev)
     if ev and not (missing_sets or missing_tasks or need_eff):
@@ -108,9 +128,10 @@ def measure(run: str | Path, *, lm_sets: Sequence[str] = DEFAULT_SETS, tasks: Se
 
     say(f"{run.name}: evaluating {', '.join([*missing_sets, *missing_tasks]) or 'efficiency'}")
     new = evaluate(run, lm=missing_sets, tasks=missing_tasks, limit=limit, efficiency=need_eff, max_bytes=max_bytes,
-                   context=context, threads=threads, progress=progress)
+                   context=context, threads=threads, progress=progress, kl_to=parent if kl_missing else None)
     # merged, so an earlier efficiency block or other sets survive a partial re-measurement
-    ev = {**ev, **new, "lm": {**ev.get("lm", {}), **new["lm"]}, "tasks": {**ev.get("tasks", {}), **new["tasks"]}}
+    ev = {**ev, **new, "lm": {**ev.get("lm", {}), **new["lm"]}, "tasks": {**ev.get("tasks", {}), **new["tasks"]},
+          "kl": {**ev.get("kl", {}), **new.get("kl", {})}}
     write_json(path, ev)
     return ev
 
@@ -160,6 +181,10 @@ def row_of(run: str | Path, ev: dict[str, Any], lm_sets: Sequence[str]) -> dict[
         "decode_bytes_s": tok_s * bytes_per_token if tok_s and bytes_per_token else None,
         "peak_rss_mb": eff.get("peak_rss_mb"),
         "tasks": {t: {k: r.get(k) for k in ("acc", "acc_norm", "n")} for t, r in (ev.get("tasks") or {}).items()},
+        # compressed models: bits per weight of the quantized layers, KL from the parent on the in-domain set
+        "bits_per_weight": (meta.get("storage") or {}).get("bits_per_weight"),
+        "parent": ((ev.get("kl") or {}).get(lm_sets[0]) or {}).get("reference") if lm_sets else None,
+        "kl": ((ev.get("kl") or {}).get(lm_sets[0]) or {}).get("kl_mean") if lm_sets else None,
     }
 
 
@@ -209,6 +234,13 @@ def compare(
         if seen[r["name"]] > 1:
             r["name"] = f"{r['name']}-{seen[r['name']]}"
     y_set = lm_sets[0]
+    by_ckpt = {str(Path((ev.get("model") or {}).get("path", "")).resolve()): r for r, ev in zip(rows, evals,
+                                                                                              strict=True)}
+    for r in rows:  # a compressed model beside its parent: how much bpb it gave up
+        parent = by_ckpt.get(r["parent"] or "")
+        mine, theirs = r["bpb"].get(y_set), parent["bpb"].get(y_set) if parent else None
+        r["bpb_delta_pct"] = 100 * (mine - theirs) / theirs if mine is not None and theirs else None
+        r["parent_name"] = parent["name"] if parent else None
     for key, x_key, maxi in (("front_size", "params_total", False), ("front_speed", "decode_bytes_s", True)):
         flags = pareto_front([(r[x_key], r["bpb"].get(y_set)) for r in rows], maximize=(maxi, False))
         for r, f in zip(rows, flags, strict=True):

@@ -36,6 +36,9 @@ NOTES = [
     "set's bytes per token: text per second, comparable across tokenizers (the speed plot and front use it).",
     "† on the quality-vs-size Pareto front, ‡ on the quality-vs-speed front (no other model is at least as good on "
     "both axes and better on one).",
+    "compressed models (slm quantize): bits/weight of the quantized layers as llama.cpp counts them (scales "
+    "included); Δbpb vs the parent it was made from when the parent is in the table; KL to parent = mean per-token "
+    "KL divergence from the parent's next-token distribution on the in-domain set (llama-perplexity --kl-divergence).",
 ]
 
 
@@ -109,17 +112,23 @@ def _fmt(v: Any, kind: str) -> str:
 
 def _table(rows: list[dict[str, Any]], lm_sets: Sequence[str],
            tasks: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "class", "params", "active", "on disk", "train time",
+    compressed = any(r.get("bits_per_weight") is not None for r in rows)  # columns only a compressed row fills
+    head = ["model", "class", "params", "active", "on disk", *(["bits/weight"] if compressed else []), "train time",
             *(f"bpb {s}{' (in-domain)' if i == 0 else ' (out-of-domain)'}" for i, s in enumerate(lm_sets)),
+            *(["Δbpb vs parent", "KL to parent"] if compressed else []),
             "decode tok/s", "decode bytes/s", "peak RSS MB", *(f"{t} acc" for t in tasks)]
     body = []
     for r in rows:
         marks = "".join(m for m, key in (("†", "front_size"), ("‡", "front_speed")) if r.get(key))
+        delta = r.get("bpb_delta_pct")
         body.append([
             f"{r['name']}{marks}", r["class"], _fmt(r["params_total"], "params"), _fmt(r["params_active"], "params"),
-            _fmt(r["bytes_on_disk"], "bytes"), _fmt(r["train_time_s"], "time"),
-            *(_fmt(r["bpb"].get(s), "bpb") for s in lm_sets), _fmt(r["decode_tok_s"], "rate"),
-            _fmt(r["decode_bytes_s"], "rate"), _fmt(r["peak_rss_mb"], "rate"),
+            _fmt(r["bytes_on_disk"], "bytes"), *([_fmt(r.get("bits_per_weight"), "bpb")] if compressed else []),
+            _fmt(r["train_time_s"], "time"),
+            *(_fmt(r["bpb"].get(s), "bpb") for s in lm_sets),
+            *([f"{delta:+.2f} % ({r['parent_name']})" if delta is not None else "—",
+               f"{r['kl']:.4f}" if r.get("kl") is not None else "—"] if compressed else []),
+            _fmt(r["decode_tok_s"], "rate"), _fmt(r["decode_bytes_s"], "rate"), _fmt(r["peak_rss_mb"], "rate"),
             *(_fmt((r["tasks"].get(t) or {}).get("acc"), "acc") for t in tasks),
         ])
     return head, body

@@ -139,3 +139,23 @@ def test_kl_to_the_parent_orders_the_bit_widths(trained, tmp_path):
     assert kl["int8"]["top1_agree"] >= kl["int4"]["top1_agree"]
     with pytest.raises(SlmError, match="records no parent"):
         evaluate(trained, lm=[text], kl_to="parent", threads=1)
+
+
+@pytest.mark.slow
+def test_compare_shows_a_quantized_model_beside_its_parent(trained, tmp_path):
+    from slmkit.eval.compare import compare
+
+    data = json.loads((trained / "meta.json").read_text())["lineage"]["parent"]["path"]
+    text = f"{json.loads((Path(data) / 'meta.json').read_text())['source']}:val"
+    q = quantize_run(trained, tmp_path / "q4", weights="int4")
+    res = compare([trained, q], tmp_path / "report", lm_sets=[text], efficiency=False, threads=1, say=lambda _: None)
+    parent, child = res["rows"]
+    assert parent["bits_per_weight"] is None and parent["kl"] is None
+    assert child["bits_per_weight"] == pytest.approx(4.5) and child["kl"] > 0 and child["parent_name"] == "run"
+    assert child["bpb_delta_pct"] == pytest.approx(100 * (child["bpb"][text] / parent["bpb"][text] - 1))
+    assert child["bytes_on_disk"] < parent["bytes_on_disk"]
+    report = (tmp_path / "report/report.md").read_text()
+    assert "KL to parent" in report and "bits/weight" in report
+    again = compare([trained, q], tmp_path / "report", lm_sets=[text], efficiency=False, threads=1,
+                    say=lambda _: None)  # everything reused, KL included
+    assert again["rows"][1]["kl"] == child["kl"]
