@@ -4,8 +4,8 @@
 other than full or sliding-window, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then
 decodes through PyTorch, which computes the same function (tests compare the two on every supported configuration).
 Dense and Mixture-of-Experts FFNs are both covered.
-Linear layers may be fp32 `nn.Linear` or int8/bf16 `QuantLinear`, expert stacks fp32 parameters or int8/bf16
-`QuantExperts` (slmkit.compress.quantize), mixed freely.
+Linear layers may be fp32 `nn.Linear` or int8/int4/bf16 `QuantLinear`, expert stacks fp32 parameters or int8/int4/bf16
+`QuantExperts` (slmkit.compress.quantize), mixed freely; the C step reads the packed weights in place.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""CPU inference kernels in C: weight-only int8 / bf16 / fp32 matrix products for small batches, and a fused
+"""CPU inference kernels in C: weight-only int8 / int4 / bf16 / fp32 matrix products for small batches, and a fused
 one-token decode step for dense transformers (slmkit/infer/csrc/kernels.c explains the numerics).
 
 Why: decoding one token reads every weight once, so on CPU its speed is the memory bandwidth divided by the bytes of
-the weights (fp32 4 per parameter, bf16 2, int8 1 + one fp32 scale per output row). PyTorch does not get close at
-batch 1: its fp32 GEMV reaches about a third of the bandwidth here, `torch._weight_int8pack_mm` with fp32 activations
-is slower than fp32, and ~600 small operators per token of a 30-layer model cost as much as the weight traffic. So
-this module compiles the C file with the system C compiler on first use (`-O3 -march=native -fopenmp`; cached under
-~/.cache/slmkit/kernels, keyed by source and CPU flags) and calls it through ctypes (which releases the GIL).
+the weights (fp32 4 per parameter, bf16 2, int8 1 + one fp32 scale per output row, int4 0.5 + one fp16 scale per
+group of 32-128 weights). PyTorch does not get close at batch 1: its fp32 GEMV reaches about a third of the bandwidth
+here, `torch._weight_int8pack_mm` with fp32 activations is slower than fp32, and ~600 small operators per token of a
+30-layer model cost as much as the weight traffic. So this module compiles the C file with the system C compiler on
+first use (`-O3 -march=native -fopenmp`; cached under ~/.cache/slmkit/kernels, keyed by source and CPU flags) and
+calls it through ctypes (which releases the GIL).
 
 The library links the OpenMP runtime that torch itself loaded, so its threads are torch's threads: no second pool
 spinning against the first (two pools on 2 cores slow both by 20x+).
@@ -28,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 _SOURCE = (Path(__file__).parent / "csrc" / "kernels.c").read_text()
 
@@ -35,8 +37,11 @@ _lib: ctypes.CDLL | bool | None = None  # None = not tried yet, False = unavaila
 # The build measured ~1.3 s here (AMD EPYC, gcc, 2 cores); the first decode waits for it, so a compiler that hangs
 # must not hold the user for long. 30 s leaves room for a loaded machine.
 COMPILE_TIMEOUT_S = 30
-KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2}
+KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2, torch.uint8: 3}  # uint8: int4, two weights a byte
 QBLOCK = 64  # activations are quantized in blocks of this many values for int8 weights
+Q4BLOCK = 32  # int4: the weights' packing block, and the activations' quantization block
+# Prefill widens this many bytes of fp32 weights at a time: L2-sized, so PyTorch's GEMM finds them in cache.
+WIDEN_BYTES = 1 << 20
 
 
 # --- the C structs (kernels.c) ---------------------------------------------------------------------------------
@@ -44,7 +49,7 @@ QBLOCK = 64  # activations are quantized in blocks of this many values for int8 
 
 class Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("N", ctypes.c_int), ("K", ctypes.c_int), ("kind", ctypes.c_int)]
+                ("N", ctypes.c_int), ("K", ctypes.c_int), ("kind", ctypes.c_int), ("group", ctypes.c_int)]
 
 
 class Acts(ctypes.Structure):
@@ -100,6 +105,8 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_matmul.argtypes = [ctypes.POINTER(Mat), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                ctypes.POINTER(Acts), ctypes.c_int]
     lib.slm_matmul.restype = None
+    lib.slm_widen.argtypes = [ctypes.POINTER(Mat), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.slm_widen.restype = None
     lib.slm_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slm_decode_step.restype = None
     lib.slm_features.restype = ctypes.c_int
@@ -152,12 +159,14 @@ def available() -> bool:
 
 
 def features() -> set[str]:
-    """The instruction paths the compiled kernels use: "vnni" (int8 weights × int8 activations), "bf16" (bf16 dot
-    products), "avx512". Empty when the kernels are unavailable."""
+    """The instruction paths the compiled kernels use: "vnni" (int8 and int4 weights × int8 activations), "bf16"
+    (bf16 dot products), "avx512", "avx2" (the int4 dot where VNNI is missing), "f16c" (int4's fp16 scales). Empty
+    when the kernels are unavailable."""
     if not available():
         return set()
     bits = _lib.slm_features()  # type: ignore[union-attr]
-    return {name for bit, name in ((1, "vnni"), (2, "bf16"), (4, "avx512")) if bits & bit}
+    names = ((1, "vnni"), (2, "bf16"), (4, "avx512"), (8, "avx2"), (16, "f16c"))
+    return {name for bit, name in names if bits & bit}
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -165,13 +174,25 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Mat:
-    """A C view of an (N, K) weight (int8 needs its per-row fp32 `scale`); the tensors must outlive it."""
+    """A C view of an (N, K) weight: int8 with its per-row fp32 `scale` (N,), int4 packed as (N, K/2) uint8
+    (slmkit.infer.quantized) with its fp16 `scale` (N, K/group), bf16 or fp32. The tensors must outlive it."""
     if weight.dtype not in KINDS or not weight.is_contiguous() or weight.dim() != 2:
-        raise ValueError(f"need a contiguous 2-D int8/bf16/fp32 weight, not {weight.dtype} {list(weight.shape)}")
-    if weight.dtype == torch.int8 and scale is None:
-        raise ValueError("int8 weights need their row scales")
-    return Mat(_ptr(weight), _ptr(scale if weight.dtype == torch.int8 else None), _ptr(bias), weight.shape[0],
-               weight.shape[1], KINDS[weight.dtype])
+        raise ValueError(f"need a contiguous 2-D int8/int4/bf16/fp32 weight, not {weight.dtype} {list(weight.shape)}")
+    N, K, group = weight.shape[0], weight.shape[1], 0
+    if weight.dtype == torch.int8:
+        if scale is None or scale.dtype != torch.float32 or scale.shape != (N,) or not scale.is_contiguous():
+            raise ValueError(f"int8 weights need their row scales: contiguous fp32 ({N},)")
+    elif weight.dtype == torch.uint8:
+        K *= 2
+        groups = 0 if scale is None or scale.dim() != 2 else scale.shape[1]
+        group = K // groups if groups and K % groups == 0 else 0
+        if scale is None or scale.dtype != torch.float16 or scale.shape[0] != N or not scale.is_contiguous() or \
+                group < Q4BLOCK or group & (group - 1):
+            raise ValueError(f"int4 weights need their group scales: contiguous fp16 ({N}, {K}/group), group "
+                             f"{Q4BLOCK}, {2 * Q4BLOCK}, {4 * Q4BLOCK}, ...")
+    else:
+        scale = None
+    return Mat(_ptr(weight), _ptr(scale), _ptr(bias), N, K, KINDS[weight.dtype], group)
 
 
 class _Scratch:
@@ -180,22 +201,46 @@ class _Scratch:
     def __init__(self, rows: int, k: int):
         n = rows * k
         self.q = torch.empty(n, dtype=torch.int8)
-        self.qs = torch.empty(max(1, n // QBLOCK), dtype=torch.float32)
+        self.qs = torch.empty(max(1, n // Q4BLOCK), dtype=torch.float32)  # the smaller block: a scale per 32
         self.b16 = torch.empty(n, dtype=torch.int16)
         self.acts = Acts(self.q.data_ptr(), self.qs.data_ptr(), self.b16.data_ptr())
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) fp32 @ (weight (N, K) × scale (N,))ᵀ + bias → (M, N) fp32, for small M (decoding, short prompts)."""
+def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+              bias: torch.Tensor | None) -> tuple[torch.Tensor, Mat, ctypes.CDLL]:
+    """x as contiguous fp32, the weight's C view, the library; refuses mismatched shapes."""
     if not available():
         raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
     x = x.contiguous().float()
-    M, K = x.shape
-    y = torch.empty(M, weight.shape[0], dtype=torch.float32)
-    scratch = _Scratch(M, K)
+    m = mat(weight, scale, bias)
+    if x.dim() != 2 or x.shape[1] != m.K:
+        raise ValueError(f"x {list(x.shape)} does not match the weight's {m.K} input features")
+    return x, m, _lib  # type: ignore[return-value]
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp32 @ dequantize(weight, scale)ᵀ + bias → (M, N) fp32, for small M (decoding, short prompts); weight
+    and scale as `mat` takes them."""
     b = None if bias is None else bias.float().contiguous()  # kept alive for the call: Mat holds only its address
-    m = mat(weight, scale, b)
-    lib: ctypes.CDLL = _lib  # type: ignore[assignment]
-    lib.slm_matmul(ctypes.byref(m), x.data_ptr(), M, y.data_ptr(), ctypes.byref(scratch.acts), torch.get_num_threads())
+    x, m, lib = _operands(x, weight, scale, b)
+    y = torch.empty(x.shape[0], m.N, dtype=torch.float32)
+    scratch = _Scratch(*x.shape)
+    lib.slm_matmul(ctypes.byref(m), x.data_ptr(), x.shape[0], y.data_ptr(), ctypes.byref(scratch.acts),
+                   torch.get_num_threads())
+    return y
+
+
+def widened_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The product `matmul` computes, for larger M (prefill), with exact fp32 activations: the weights are widened to
+    fp32 a slice of rows at a time (C, one pass) and multiplied by PyTorch's GEMM — never a full fp32 copy."""
+    x, m, lib = _operands(x, weight, scale, None)
+    y = torch.empty(x.shape[0], m.N, dtype=torch.float32)
+    rows = max(1, WIDEN_BYTES // (4 * m.K))
+    w = torch.empty(min(rows, m.N), m.K, dtype=torch.float32)
+    for n0 in range(0, m.N, rows):
+        n1 = min(n0 + rows, m.N)
+        lib.slm_widen(ctypes.byref(m), n0, n1, w.data_ptr(), torch.get_num_threads())
+        y[:, n0:n1] = F.linear(x, w[: n1 - n0], None if bias is None else bias[n0:n1].float())
     return y

@@ -93,9 +93,10 @@ def dequantize(weight: Tensor, scale: Tensor) -> Tensor:
 
 def _matmul(x2: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x2 (M, K) @ dequantize(weight, scale)ᵀ + bias → (M, N)."""
-    if x2.shape[0] <= SMALL_BATCH and x2.dtype == torch.float32 and weight.dtype in kernels.KINDS and \
-            kernels.available():
-        return kernels.matmul(x2, weight, scale, bias)
+    if x2.dtype == torch.float32 and weight.dtype in kernels.KINDS and kernels.available():
+        if x2.shape[0] <= SMALL_BATCH:
+            return kernels.matmul(x2, weight, scale, bias)
+        return kernels.widened_matmul(x2, weight, scale, bias)
     w = dequantize(weight, scale).to(x2.dtype)
     return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
 

@@ -53,12 +53,16 @@ def test_zero_groups_and_bad_groups():
         quantize_int4(torch.zeros(2, 96), 48)
 
 
-def test_int4_linear_computes_the_dequantized_product():
+def test_int4_linear_computes_the_dequantized_product(monkeypatch):
+    from slmkit.infer import kernels
+
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 24)
     q = QuantLinear.from_linear(lin, "int4", 64)
     assert (q.in_features, q.out_features, q.group) == (128, 24, 64)
     x = torch.randn(5, 128)
     ref = x @ q.dequantized().T + lin.bias
+    # the C kernel rounds activations to int8 blocks (tests/infer/test_int4_kernels.py bounds that); PyTorch is exact
+    monkeypatch.setattr(kernels, "available", lambda: False)
     torch.testing.assert_close(q(x), ref, atol=1e-4, rtol=1e-4)
     assert (q(x) - lin(x)).abs().max() < 0.2 * lin(x).abs().max()  # and near the fp32 layer

@@ -5,10 +5,15 @@
  * (30 layers x ~20 small ops), and its fp32 GEMV reaches a third of the bandwidth here. This file does the whole
  * step in one call with one OpenMP parallel region.
  *
- * Weights: int8 (symmetric, one fp32 scale per output row), bf16, or fp32; row-major (N, K) like nn.Linear.
+ * Weights: int8 (symmetric, one fp32 scale per output row), int4, bf16, or fp32; row-major (N, K) like nn.Linear.
  *   - int8: activations are quantized to int8 in blocks of 64 (one fp32 scale per block, like llama.cpp's Q8_0) and
  *     multiplied with AVX-512 VNNI (64 multiply-adds per instruction); without VNNI, or K not a multiple of 64, the
  *     weights are widened to fp32 instead and activations stay exact.
+ *   - int4: (N, K/2) bytes in llama.cpp's Q4_0 block layout (slmkit/infer/quantized.py) with one fp16 scale per group
+ *     of 32/64/128 weights of a row. Always int8 x int8 like llama.cpp's Q4_0 x Q8_0 dot: activations are quantized
+ *     in blocks of 32, and each 32-weight block's integer dot product is scaled by activation scale x weight scale.
+ *     The nibbles are unpacked in registers, 32 weights at a time: never a widened copy of the matrix. AVX-512 VNNI,
+ *     else AVX2 (vpmaddubsw), else scalar.
  *   - bf16: activations are rounded to bf16 and multiplied with AVX-512 BF16 (vdpbf16ps); without it, widened.
  *   - fp32: fused multiply-add.
  * Each thread reads its share of the rows front to back, one row at a time.
@@ -17,12 +22,13 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
-enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2 };
-#define QBLOCK 64
+enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2, W_INT4 = 3 };
+#define QBLOCK 64  /* activation block for int8 weights */
+#define Q4BLOCK 32 /* int4: nibble-packing block of the weights, and the activation block */
 /* Software prefetch of the weights this far ahead of the row being read, into L2. The hardware prefetcher alone
    left a 2-core Xeon (AMX) at 62 % / 71 % of the read bandwidth with int8 / bf16 rows of 0.5-1 KB; with this,
    SmolLM2-135M decoded at ~1.45x (int8) and ~1.2x (bf16) the tokens/s, fp32 unchanged (bench/decode.py,
@@ -33,16 +39,17 @@ enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2 };
 #endif
 
 typedef struct {
-  const void* w;       /* (N, K) */
-  const float* scale;  /* (N,) int8 row scales, else NULL */
-  const float* bias;   /* (N,) or NULL */
+  const void* w;      /* (N, K); int4: (N, K/2) packed bytes */
+  const void* scale;  /* int8: (N,) fp32 row scales; int4: (N, K/group) fp16 group scales; else NULL */
+  const float* bias;  /* (N,) or NULL */
   int N, K, kind;
+  int group;          /* int4: weights per scale, Q4BLOCK x a power of two */
 } Mat;
 
 /* Activation scratch: x (M, K) in the form the weight kind wants. */
 typedef struct {
   int8_t* q;      /* int8 blocks: M * K */
-  float* qs;      /* one scale per block: M * K / QBLOCK */
+  float* qs;      /* one scale per block: M * K / Q4BLOCK (the smaller block) */
   uint16_t* b16;  /* bf16: M * K */
 } Acts;
 
@@ -52,6 +59,18 @@ static inline float bf16_to_f32(uint16_t h) {
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, like vcvtneps2bf16 */
   union { uint32_t u; float f; } v; v.f = f;
   return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  union { uint32_t u; float f; } v;
+  if (exp == 0) { v.f = (float)man * 0x1p-24f; v.u |= sign; } /* zero or subnormal: exact in fp32 */
+  else if (exp == 31) v.u = sign | 0x7F800000u | (man << 13);  /* inf, nan */
+  else v.u = sign | ((exp + 112) << 23) | (man << 13);         /* rebias the exponent: 127 - 15 */
+  return v.f;
+#endif
 }
 static inline float widen_one(const void* w, size_t i, int kind) {
   if (kind == W_INT8) return (float)((const int8_t*)w)[i];
@@ -74,88 +93,165 @@ static int use_dpbf16(const Mat* A) {
 #endif
 }
 
+/* x (n values) -> int8 in blocks of `block`, one fp32 scale each (the block's largest |x| maps to 127). */
+static void quantize_blocks(const float* x, size_t n, int block, int8_t* q, float* qs) {
+  for (size_t i = 0; i < n / block; i++) {
+    const float* xb = x + i * block;
+    float amax = 0.f;
+    for (int j = 0; j < block; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    qs[i] = amax / 127.f;
+    for (int j = 0; j < block; j++) q[i * block + j] = (int8_t)lrintf(xb[j] * inv);
+  }
+}
+
 /* Convert x (M, K) for A's kernel. Serial: K is at most a few thousand. */
 static void prepare(const Mat* A, const float* x, int M, Acts* acts) {
-  const int K = A->K;
-  if (use_vnni(A)) {
-    for (int i = 0; i < M * K / QBLOCK; i++) {
-      const float* xb = x + (size_t)i * QBLOCK;
-      float amax = 0.f;
-      for (int j = 0; j < QBLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-      const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      acts->qs[i] = s;
-      for (int j = 0; j < QBLOCK; j++) acts->q[(size_t)i * QBLOCK + j] = (int8_t)lrintf(xb[j] * inv);
-    }
-  } else if (use_dpbf16(A)) {
-    for (size_t i = 0; i < (size_t)M * K; i++) acts->b16[i] = f32_to_bf16(x[i]);
+  const size_t n = (size_t)M * A->K;
+  if (A->kind == W_INT4) quantize_blocks(x, n, Q4BLOCK, acts->q, acts->qs);
+  else if (use_vnni(A)) quantize_blocks(x, n, QBLOCK, acts->q, acts->qs);
+  else if (use_dpbf16(A))
+    for (size_t i = 0; i < n; i++) acts->b16[i] = f32_to_bf16(x[i]);
+}
+
+/* One int4 row . one activation row: w K/2 packed bytes, ws its K/group fp16 scales, xq/xs the row's int8 blocks of
+   Q4BLOCK and their scales. Each block adds (integer dot) x (activation scale x weight scale), in fp32. */
+static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int8_t* xq, const float* xs, int K) {
+  /* block b's weight scale is ws[b >> gs]: a shift, as a division here cost more than the block's arithmetic */
+  const int nb = K / Q4BLOCK, gs = __builtin_ctz(group / Q4BLOCK);
+  float s = 0.f;
+  int b = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  /* Two blocks per step. The 32 packed bytes p of blocks b, b+1 become [p & 15, p >> 4 & 15] = 128-bit lanes
+     (lo_b, lo_b+1, hi_b, hi_b+1), reordered to (lo_b, hi_b, lo_b+1, hi_b+1): weights 32b .. 32b+63 in order. Then
+     the int8 kernel's sign trick: vpdpbusd multiplies |x| (unsigned) by q with x's sign (|q| <= 8). The int32 lanes
+     0-7 sum block b's products, 8-15 block b+1's. */
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  for (; b + 2 <= nb; b += 2) {
+    const __m256i p = _mm256_loadu_si256((const __m256i*)(w + 16 * b));
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
+    q = _mm512_sub_epi8(_mm512_and_si512(_mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(3, 1, 2, 0)), low), eight);
+    const __m512i xv = _mm512_loadu_si512(xq + Q4BLOCK * b);
+    const __m512i qx = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(xv), zero, q);
+    const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), qx);
+    const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xs[b] * f16_to_f32(ws[b >> gs])),
+                                           _mm512_set1_ps(xs[b + 1] * f16_to_f32(ws[(b + 1) >> gs])));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc);
   }
+  s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  /* llama.cpp's Q4_0 x Q8_0 on AVX2: vpmaddubsw multiplies unsigned by signed bytes, so it gets |q| and x with q's
+     sign; |q| <= 8 and |x| <= 127 keep its pairwise int16 sums (<= 2032) from saturating. */
+  __m256 acc = _mm256_setzero_ps();
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  for (; b < nb; b++) {
+    const __m128i p = _mm_loadu_si128((const __m128i*)(w + 16 * b));
+    const __m256i q = _mm256_sub_epi8(
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low), _mm_and_si128(p, low)), eight);
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + Q4BLOCK * b));
+    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[b] * f16_to_f32(ws[b >> gs])), acc);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#endif
+  for (; b < nb; b++) {
+    const uint8_t* p = w + 16 * b;
+    const int8_t* x = xq + Q4BLOCK * b;
+    int d = 0;
+    for (int j = 0; j < 16; j++) d += ((p[j] & 15) - 8) * x[j] + ((p[j] >> 4) - 8) * x[j + 16];
+    s += (float)d * (xs[b] * f16_to_f32(ws[b >> gs]));
+  }
+  return s;
+}
+
+/* x row . weight row for the int8 (row scale not applied), bf16 and fp32 kinds. */
+static float dot_row(const Mat* A, const char* wr, const float* xr, const Acts* acts, int m) {
+  const int K = A->K, kind = A->kind;
+  float s = 0.f;
+  int k = 0;
+  (void)acts; (void)m; /* used by the AVX-512 paths only */
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  if (use_vnni(A)) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    /* sum_k x_k w_k = sum_k |x_k| * (sign(x_k) w_k): vpdpbusd multiplies unsigned by signed bytes; |w| <= 127, so
+       the negation never overflows. Each block's int32 sum is scaled by that block's activation scale. */
+    const int8_t* xq = acts->q + (size_t)m * K;
+    const float* xs = acts->qs + (size_t)m * (K / QBLOCK);
+    const __m512i zero = _mm512_setzero_si512();
+    for (; k < K; k += QBLOCK) {
+      const __m512i xv = _mm512_loadu_si512(xq + k);
+      const __m512i wv = _mm512_loadu_si512(wr + k);
+      const __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
+      const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), ws);
+      if ((k / QBLOCK) & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a1);
+      else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a0);
+    }
+#endif
+  } else if (use_dpbf16(A)) {
+#if defined(__AVX512BF16__)
+    const uint16_t* xb = acts->b16 + (size_t)m * K;
+    for (; k + 64 <= K; k += 64) {
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(wr + 2 * k));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(xb + k + 32),
+                            (__m512bh)_mm512_loadu_si512(wr + 2 * k + 64));
+    }
+    for (; k < K; k += 32)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(wr + 2 * k));
+#endif
+  } else if (kind == W_FP32) {
+    const float* w = (const float*)wr;
+    for (; k + 32 <= K; k += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(w + k), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k + 16), _mm512_loadu_ps(w + k + 16), a1);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(w + k), a0);
+  } else if (kind == W_INT8) {
+    for (; k + 16 <= K; k += 16) {
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k))));
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), wv, a0);
+    }
+  } else {
+    for (; k + 16 <= K; k += 16) {
+      const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(wr + 2 * k)));
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), a0);
+    }
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; k < K; k++) s += xr[k] * widen_one(wr, k, kind);
+  return s;
+}
+
+static size_t row_bytes(const Mat* A) {
+  const int kind = A->kind;
+  return kind == W_INT4 ? (size_t)A->K / 2 : (size_t)A->K * (kind == W_INT8 ? 1 : kind == W_BF16 ? 2 : 4);
 }
 
 /* y[m, n] for every m: one weight row, read as one sequential stream (interleaving 4 rows measured 35% slower here:
    the hardware prefetcher follows one stream per core better than four), reused from L1 for each activation row. */
 static void row(const Mat* A, const float* x, const Acts* acts, int M, int n, float* y) {
-  const int K = A->K, kind = A->kind;
-  const size_t es = kind == W_INT8 ? 1 : kind == W_BF16 ? 2 : 4;
-  const char* wr = (const char*)A->w + (size_t)n * K * es;
+  const int K = A->K;
+  const size_t rb = row_bytes(A);
+  const char* wr = (const char*)A->w + n * rb;
 #if defined(__AVX512F__) && PREFETCH_AHEAD > 0
   /* past the matrix's end this touches the next allocation or nothing: prefetches never fault */
-  for (size_t off = 0; off < (size_t)K * es; off += 64) _mm_prefetch(wr + PREFETCH_AHEAD + off, _MM_HINT_T1);
+  for (size_t off = 0; off < rb; off += 64) _mm_prefetch(wr + PREFETCH_AHEAD + off, _MM_HINT_T1);
 #endif
   for (int m = 0; m < M; m++) {
-    const float* xr = x + (size_t)m * K;
-    float s = 0.f;
-    int k = 0;
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    if (use_vnni(A)) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      /* sum_k x_k w_k = sum_k |x_k| * (sign(x_k) w_k): vpdpbusd multiplies unsigned by signed bytes; |w| <= 127, so
-         the negation never overflows. Each block's int32 sum is scaled by that block's activation scale. */
-      const int8_t* xq = acts->q + (size_t)m * K;
-      const float* xs = acts->qs + (size_t)m * (K / QBLOCK);
-      const __m512i zero = _mm512_setzero_si512();
-      for (; k < K; k += QBLOCK) {
-        const __m512i xv = _mm512_loadu_si512(xq + k);
-        const __m512i wv = _mm512_loadu_si512(wr + k);
-        const __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
-        const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), ws);
-        if ((k / QBLOCK) & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a1);
-        else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a0);
-      }
-#endif
-    } else if (use_dpbf16(A)) {
-#if defined(__AVX512BF16__)
-      const uint16_t* xb = acts->b16 + (size_t)m * K;
-      for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(wr + 2 * k));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(xb + k + 32),
-                              (__m512bh)_mm512_loadu_si512(wr + 2 * k + 64));
-      }
-      for (; k < K; k += 32)
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(xb + k), (__m512bh)_mm512_loadu_si512(wr + 2 * k));
-#endif
-    } else if (kind == W_FP32) {
-      const float* w = (const float*)wr;
-      for (; k + 32 <= K; k += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(w + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k + 16), _mm512_loadu_ps(w + k + 16), a1);
-      }
-      for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(w + k), a0);
-    } else if (kind == W_INT8) {
-      for (; k + 16 <= K; k += 16) {
-        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wr + k))));
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), wv, a0);
-      }
+    float s;
+    if (A->kind == W_INT4) {
+      const uint16_t* ws = (const uint16_t*)A->scale + (size_t)n * (K / A->group);
+      s = dot_int4((const uint8_t*)wr, ws, A->group, acts->q + (size_t)m * K, acts->qs + (size_t)m * (K / Q4BLOCK),
+                   K);
     } else {
-      for (; k + 16 <= K; k += 16) {
-        const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(wr + 2 * k)));
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), a0);
-      }
+      s = dot_row(A, wr, x + (size_t)m * K, acts, m);
+      if (A->kind == W_INT8) s *= ((const float*)A->scale)[n];
     }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-    for (; k < K; k++) s += xr[k] * widen_one(wr, k, kind);
-    if (A->scale) s *= A->scale[n];
     if (A->bias) s += A->bias[n];
     y[(size_t)m * A->N + n] = s;
   }
@@ -172,6 +268,33 @@ static void matmul(const Mat* A, const float* x, int M, float* y, Acts* acts) {
 void slm_matmul(const Mat* A, const float* x, int M, float* y, Acts* acts, int nthreads) {
   #pragma omp parallel num_threads(nthreads)
   matmul(A, x, M, y, acts);
+}
+
+/* Rows n0 .. n1-1 of A's weights as fp32 (n1 - n0, K), exactly what slmkit.infer.quantized.dequantize gives (one
+   fp32 product per weight). Prefill widens a slice of rows at a time for PyTorch's GEMM, so the fp32 copy stays
+   cache-sized and is made in one pass. */
+void slm_widen(const Mat* A, int n0, int n1, float* out, int nthreads) {
+  const int K = A->K;
+  const size_t rb = row_bytes(A);
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int n = n0; n < n1; n++) {
+    const char* wr = (const char*)A->w + n * rb;
+    float* o = out + (size_t)(n - n0) * K;
+    if (A->kind == W_INT4) {
+      const uint16_t* ws = (const uint16_t*)A->scale + (size_t)n * (K / A->group);
+      for (int b = 0; b < K / Q4BLOCK; b++) {
+        const uint8_t* p = (const uint8_t*)wr + 16 * b;
+        const float sc = f16_to_f32(ws[b * Q4BLOCK / A->group]);
+        for (int j = 0; j < 16; j++) {
+          o[Q4BLOCK * b + j] = (float)((p[j] & 15) - 8) * sc;
+          o[Q4BLOCK * b + j + 16] = (float)((p[j] >> 4) - 8) * sc;
+        }
+      }
+    } else {
+      const float sc = A->kind == W_INT8 ? ((const float*)A->scale)[n] : 1.f;
+      for (int k = 0; k < K; k++) o[k] = widen_one(wr, k, A->kind) * sc;
+    }
+  }
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -374,11 +497,17 @@ void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) 
   }
 }
 
-/* Which instruction paths this build uses: 1 = int8 VNNI, 2 = bf16 dot products, 4 = AVX-512. */
+/* Which instruction paths this build uses: 1 = int8 VNNI (int8 and int4 weights), 2 = bf16 dot products,
+   4 = AVX-512, 8 = the AVX2 int4 dot (used when VNNI is not), 16 = F16C (fp16 scales). */
 int slm_features(void) {
   int f = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   f |= 1;
+#elif defined(__AVX2__) && defined(__FMA__)
+  f |= 8;
+#endif
+#if defined(__F16C__)
+  f |= 16;
 #endif
 #if defined(__AVX512BF16__)
   f |= 2;
