@@ -8,17 +8,24 @@ bench/decode.py): fp32 4, bf16 2, int8 1 (+ 4 bytes of scale per row of `in` wei
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Literal, get_args
 
-from torch import nn
+from torch import Tensor, nn
 
+from slmkit.compress.awq import awq
+from slmkit.compress.gptq import gptq
+from slmkit.compress.rtn import round_to_nearest
 from slmkit.errors import SlmError
-from slmkit.infer.quantized import QuantExperts, QuantLinear, WeightDtype
-from slmkit.model.ffn import MoE
+from slmkit.infer.quantized import WeightDtype
+
+Method = Literal["rtn", "gptq", "awq"]
 
 
-def quantize(model: nn.Module, dtype: WeightDtype = "int8", *, group: int = 32) -> nn.Module:
-    """Quantize the matrix weights of `model` in place to `dtype` by round-to-nearest; returns the model.
+def quantize(model: nn.Module, dtype: WeightDtype = "int8", *, group: int = 32, method: Method = "rtn",
+             calib: Tensor | None = None) -> nn.Module:
+    """Quantize the matrix weights of `model` in place to `dtype`; returns the model. `method`: "rtn" rounds each
+    weight to nearest; "gptq" (slmkit.compress.gptq) and "awq" (slmkit.compress.awq) calibrate int4 weights on the
+    token ids `calib` (B, T) and store them in the same format.
 
     Replaced: every nn.Linear (→ QuantLinear) and the expert stacks of every MoE layer (→ QuantExperts). A head tied
     to the token embedding gets its own quantized copy. Kept fp32: the token and position embeddings (decoding reads
@@ -27,20 +34,19 @@ def quantize(model: nn.Module, dtype: WeightDtype = "int8", *, group: int = 32) 
     scale per `group` weights of a row (slmkit.infer.quantized explains the layout).
 
     >>> quantize(LLM.load("runs/smollm2").model, "int8")
+    >>> quantize(model, "int4", group=32, method="gptq", calib=calib_ids)
     """
     if dtype not in get_args(WeightDtype):
         raise SlmError(f"weight dtype {dtype!r} is not supported; use one of {', '.join(get_args(WeightDtype))}")
-    if dtype == "fp32":
-        return model
-    for mod in list(model.modules()):
-        if isinstance(mod, MoE):
-            for name in ("fc", "proj"):
-                stack = getattr(mod, name)
-                if isinstance(stack, nn.Parameter):
-                    delattr(mod, name)  # a parameter slot cannot take a module
-                    setattr(mod, name, QuantExperts.from_stack(stack, dtype, group))
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear) and not (isinstance(mod, MoE) and child_name == "router"):
-                setattr(mod, child_name, QuantLinear.from_linear(child, dtype, group))
-    model.eval().requires_grad_(False)
-    return model
+    if method not in get_args(Method):
+        raise SlmError(f"quantization method {method!r} is not supported; use one of {', '.join(get_args(Method))}")
+    if method != "rtn":
+        name = method.upper()
+        if dtype != "int4":
+            raise SlmError(f"{name} calibrates int4 weights, not {dtype}; use dtype int4 (or method rtn)")
+        if calib is None:
+            raise SlmError(f"{name} needs calibration data: pass calib, a (batch, tokens) tensor of token ids")
+        return (gptq if method == "gptq" else awq)(model, calib, group=group)
+    if calib is not None:
+        raise SlmError("calibration data is for the calibrated methods (gptq, awq); round-to-nearest needs none")
+    return round_to_nearest(model, dtype, group)
