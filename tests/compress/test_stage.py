@@ -1,6 +1,7 @@
 """`slm quantize`: packed checkpoints that load as they are, with lineage, and refuse what they cannot be."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,23 @@ def test_compare_shows_a_quantized_model_beside_its_parent(trained, tmp_path):
     again = compare([trained, q], tmp_path / "report", lm_sets=[text], efficiency=False, threads=1,
                     say=lambda _: None)  # everything reused, KL included
     assert again["rows"][1]["kl"] == child["kl"]
+
+
+def test_gptq_checkpoint_records_its_calibration(trained, tmp_path):
+    out = quantize_run(trained, tmp_path / "g", weights="int4", group=32, method="gptq", calib_samples=8,
+                       calib_len=32)
+    meta = json.loads((out / "meta.json").read_text())
+    cal = meta["quantization"]["calibration"]
+    data = json.loads((trained / "meta.json").read_text())["data"]
+    assert meta["quantization"]["method"] == "gptq" and cal["source"] == data and cal["split"] == "train"
+    assert (cal["samples"], cal["seq_len"], cal["tokens"]) == (8, 32, 256)
+    rtn = quantize_run(trained, tmp_path / "r", weights="int4", group=32)
+    x = torch.randint(0, 20, (1, 16))
+    with torch.no_grad():  # different weights from the same grid
+        assert not torch.equal(LLM.load(out).model(x)[0], LLM.load(rtn).model(x)[0])
+    bare = tmp_path / "bare"  # a checkpoint with no training data of its own here (like an imported one)
+    shutil.copytree(checkpoint.resolve(trained), bare)
+    meta = json.loads((bare / "meta.json").read_text())
+    (bare / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "data"}))
+    with pytest.raises(SlmError, match="name calibration text with --calib"):
+        quantize_run(bare, tmp_path / "x", weights="int4", method="gptq")
