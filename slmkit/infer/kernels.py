@@ -160,8 +160,9 @@ def available() -> bool:
 
 def features() -> set[str]:
     """The instruction paths the compiled kernels use: "vnni" (int8 and int4 weights × int8 activations), "bf16"
-    (bf16 dot products), "avx512", "avx2" (the int4 dot where VNNI is missing), "f16c" (int4's fp16 scales). Empty
-    when the kernels are unavailable."""
+    (bf16 dot products), "avx512", "avx2" (AVX2 + FMA: the int8 and int4 dots where VNNI is missing, every vector
+    loop where AVX-512 is), "f16c" (int4's fp16 scales). Int8 weights take int8 activation blocks with "vnni" or
+    "avx2", exact fp32 activations without either. Empty when the kernels are unavailable."""
     if not available():
         return set()
     bits = _lib.slm_features()  # type: ignore[union-attr]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kernels import CONFIGS, _fused_logits, _model  # tests/infer is on sys.path (no __init__.py)
+from test_kernels import CONFIGS, _cpu_has, _fused_logits, _model, use_build  # tests/infer is on sys.path
 
 from slmkit.compress import quantize
 from slmkit.infer import kernels
@@ -23,27 +23,23 @@ from slmkit.infer.quantized import QuantExperts, QuantLinear, dequantize, quanti
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the kernels")
 
 # Builds of kernels.c: the flags, and the int4 dot each must use. "native" is VNNI on AVX-512 VNNI machines, else AVX2;
-# "-mno-f16c" converts the fp16 scales in portable C; "-mno-avx2" takes the scalar dot (and drops AVX-512 too).
-VARIANTS = {"native": "", "no-f16c": "-mno-f16c", "scalar": "-mno-avx2"}
-_built: dict[str, object] = {}
+# "avx2" the AVX2 dot on VNNI machines too (the same build as native elsewhere); "-mno-f16c" converts the fp16 scales
+# in portable C; "-mno-avx2" takes the scalar dot (and drops AVX-512 too).
+VARIANTS = {"native": "", "avx2": "-mno-avx512f", "no-f16c": "-mno-f16c", "scalar": "-mno-avx2"}
 
 
 @pytest.fixture(params=list(VARIANTS))
 def variant(request, monkeypatch):
     """Point slmkit.infer.kernels at the build with this variant's flags (each built once per session)."""
     name = request.param
-    if name not in _built:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SLMKIT_KERNEL_FLAGS", VARIANTS[name])
-            _built[name] = kernels._build()
-    if not _built[name]:
-        pytest.skip(f"kernels.c does not build with {VARIANTS[name]!r}")
-    monkeypatch.setattr(kernels, "_lib", _built[name])
-    feats, simd = kernels.features(), " avx2 " in Path("/proc/cpuinfo").read_text()
+    if name == "avx2" and not _cpu_has("avx512vnni"):
+        pytest.skip("without AVX-512 VNNI the native build's int4 dot is the AVX2 one")
+    feats, simd = use_build(VARIANTS[name], monkeypatch), _cpu_has("avx2")
     if name == "scalar":
         assert not feats & {"avx2", "vnni"}
     else:
-        assert bool(feats & {"avx2", "vnni"}) == simd and (name == "native" or "f16c" not in feats)
+        assert bool(feats & {"avx2", "vnni"}) == simd and (name != "no-f16c" or "f16c" not in feats)
+        assert name != "avx2" or "vnni" not in feats
     return name
 
 

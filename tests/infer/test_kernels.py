@@ -1,9 +1,11 @@
 """The C kernels against exact references: each weight kind, ragged shapes, bias, and the fused decode step against
-the PyTorch forward on every model configuration it covers."""
+the PyTorch forward on every model configuration it covers — on each instruction path this machine can run (AVX-512,
+AVX2, scalar C; builds with SLMKIT_KERNEL_FLAGS)."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,42 @@ from slmkit.infer.fused import FusedDecoder
 from slmkit.model import GPT
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the kernels")
+
+# Builds of kernels.c: "native" is AVX-512 where the CPU has it, else AVX2 + FMA; "avx2" takes the AVX2 paths on
+# AVX-512 machines too (the same build as native elsewhere); "scalar" the portable C loops.
+VARIANTS = {"native": "", "avx2": "-mno-avx512f", "scalar": "-mno-avx2"}
+_built: dict[str, object] = {}
+
+
+def use_build(flags: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Point slmkit.infer.kernels at the build of kernels.c with these SLMKIT_KERNEL_FLAGS (built once per session)
+    and return its features; skip when it does not build."""
+    if flags not in _built:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLMKIT_KERNEL_FLAGS", flags)
+            _built[flags] = kernels._build()
+    if not _built[flags]:
+        pytest.skip(f"kernels.c does not build with {flags!r}")
+    monkeypatch.setattr(kernels, "_lib", _built[flags])
+    return kernels.features()
+
+
+def _cpu_has(flag: str) -> bool:
+    return f" {flag} " in Path("/proc/cpuinfo").read_text() + " "
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, monkeypatch) -> str:
+    name = request.param
+    if name == "avx2" and not _cpu_has("avx512f"):
+        pytest.skip("without AVX-512 the native build is the AVX2 one")
+    feats = use_build(VARIANTS[name], monkeypatch)
+    if name == "scalar":
+        assert not feats & {"avx2", "vnni", "avx512"}
+    else:
+        assert ("avx2" in feats) == (_cpu_has("avx2") and _cpu_has("fma"))
+        assert ("avx512" in feats) == (name == "native" and _cpu_has("avx512f"))
+    return name
 
 
 def _int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,26 +73,29 @@ def _vnni_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> to
 
 @pytest.mark.parametrize("M", [1, 3, 16])
 @pytest.mark.parametrize("N", [37, 128])
-def test_fp32_matches_matmul(M, N):
-    torch.manual_seed(M * N)
-    x, w, b = torch.randn(M, 200), torch.randn(N, 200), torch.randn(N)
+@pytest.mark.parametrize("K", [200, 203])  # 200 = 6 x 32 + 8 and 203 leave the SIMD loops' tails a scalar rest
+def test_fp32_matches_matmul(variant, M, N, K):
+    torch.manual_seed(M * N + K)
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
     torch.testing.assert_close(kernels.matmul(x, w, None, b), x @ w.T + b, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("M", [1, 5])
-def test_int8_is_exact_block_quantized_arithmetic(M):
+def test_int8_is_exact_block_quantized_arithmetic(variant, M):
+    """SIMD builds quantize the activations (3 blocks here: an odd number), scalar ones widen the weights."""
     torch.manual_seed(M)
     x, w = torch.randn(M, 192), torch.randn(67, 192)
     q, scale = _int8(w)
     got = kernels.matmul(x, q, scale)
-    want = _vnni_reference(x, q, scale) if "vnni" in kernels.features() else x @ (q.float() * scale[:, None]).T
+    quantized = kernels.features() & {"vnni", "avx2"}
+    want = _vnni_reference(x, q, scale) if quantized else x @ (q.float() * scale[:, None]).T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     # and close to the fp32 product: int8 weights and activations cost well under 2% here
     exact = x @ w.T
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
-def test_int8_with_ragged_k_widens_weights_and_keeps_activations_exact():
+def test_int8_with_ragged_k_widens_weights_and_keeps_activations_exact(variant):
     torch.manual_seed(1)
     x, w = torch.randn(2, 100), torch.randn(9, 100)  # 100 is not a multiple of 64
     q, scale = _int8(w)
@@ -62,7 +103,7 @@ def test_int8_with_ragged_k_widens_weights_and_keeps_activations_exact():
 
 
 @pytest.mark.parametrize("K", [96, 100])
-def test_bf16_is_the_bf16_product(K):
+def test_bf16_is_the_bf16_product(variant, K):
     torch.manual_seed(K)
     x, w = torch.randn(3, K), torch.randn(21, K).bfloat16()
     got = kernels.matmul(x, w)
@@ -89,8 +130,10 @@ CONFIGS = {
     "local-window": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="local", attn_window=4),
     "moe-top2": dict(pos="rope", norm="rmsnorm", mlp="swiglu", moe_experts=4, moe_top_k=2),
     "moe-top1-gelu-bias": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, moe_experts=3, moe_top_k=1),
-    # head_dim 24: the vector attention paths take 16 lanes and leave a scalar tail / fall back to scalar
+    # head_dim 24 and 20: the vector attention paths (16 lanes AVX-512, 8 AVX2) leave a scalar tail / fall back to
+    # scalar
     "head-dim-24": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_embd=96, n_head=4, n_kv_head=2),
+    "head-dim-20": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_embd=80, n_head=4, n_kv_head=2),
 }
 
 
@@ -121,7 +164,7 @@ def _fused_logits(model: GPT, ids: torch.Tensor, split: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fused_step_matches_pytorch(name):
+def test_fused_step_matches_pytorch(variant, name):
     model = _model(**CONFIGS[name])
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -130,7 +173,7 @@ def test_fused_step_matches_pytorch(name):
 
 
 @pytest.mark.parametrize("dtype, tol", [("bf16", 0.01), ("int8", 0.03)])
-def test_fused_step_with_quantized_weights_stays_close_to_fp32(dtype, tol):
+def test_fused_step_with_quantized_weights_stays_close_to_fp32(variant, dtype, tol):
     model = _model(None, **CONFIGS["llama"])
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -141,7 +184,7 @@ def test_fused_step_with_quantized_weights_stays_close_to_fp32(dtype, tol):
 
 @pytest.mark.parametrize("dtype", ["int8", "bf16"])
 @pytest.mark.parametrize("name", ["moe-top2", "moe-top1-gelu-bias"])
-def test_fused_step_matches_pytorch_for_quantized_moe(name, dtype):
+def test_fused_step_matches_pytorch_for_quantized_moe(variant, name, dtype):
     """A quantized MoE still decodes through the C step, reading the packed experts in place, and computes what the
     PyTorch forward of the same quantized model does."""
     model = quantize(_model(**CONFIGS[name]), dtype)
@@ -156,7 +199,7 @@ def test_fused_step_matches_pytorch_for_quantized_moe(name, dtype):
     assert fast == list(generate(model, [1, 2, 3], params, fast=False)) and len(set(fast)) >= 5
 
 
-def test_generate_fast_and_pytorch_paths_give_the_same_tokens():
+def test_generate_fast_and_pytorch_paths_give_the_same_tokens(variant):
     model = _model(**CONFIGS["llama"])
     params = SamplingParams(max_new_tokens=40, temperature=0.0)
     fast = list(generate(model, [1, 2, 3], params))

@@ -7,8 +7,8 @@
  *
  * Weights: int8 (symmetric, one fp32 scale per output row), int4, bf16, or fp32; row-major (N, K) like nn.Linear.
  *   - int8: activations are quantized to int8 in blocks of 64 (one fp32 scale per block, like llama.cpp's Q8_0) and
- *     multiplied with AVX-512 VNNI (64 multiply-adds per instruction); without VNNI, or K not a multiple of 64, the
- *     weights are widened to fp32 instead and activations stay exact.
+ *     multiplied with AVX-512 VNNI (64 multiply-adds per instruction), else AVX2 (vpmaddubsw, 32); in scalar builds,
+ *     or K not a multiple of 64, the weights are widened to fp32 instead and activations stay exact.
  *   - int4: (N, K/2) bytes in llama.cpp's Q4_0 block layout (slmkit/infer/quantized.py) with one fp16 scale per group
  *     of 32/64/128 weights of a row. Always int8 x int8 like llama.cpp's Q4_0 x Q8_0 dot: activations are quantized
  *     in blocks of 32, and each 32-weight block's integer dot product is scaled by activation scale x weight scale.
@@ -16,6 +16,9 @@
  *     else AVX2 (vpmaddubsw), else scalar.
  *   - bf16: activations are rounded to bf16 and multiplied with AVX-512 BF16 (vdpbf16ps); without it, widened.
  *   - fp32: fused multiply-add.
+ * Every vector loop has an AVX-512 path, an AVX2 + FMA one (most laptops, AMD before Zen 4) and a scalar fallback:
+ * scalar fp32 reductions are chains of dependent adds (C's float order forbids the compiler to vectorize them), ~7x
+ * slower than PyTorch's GEMV.
  * Each thread reads its share of the rows front to back, one row at a time.
  */
 #include <math.h>
@@ -78,8 +81,17 @@ static inline float widen_one(const void* w, size_t i, int kind) {
   return ((const float*)w)[i];
 }
 
-static int use_vnni(const Mat* A) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum256(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
+/* int8 weights x int8 activation blocks (dot_q8), where a SIMD integer dot product exists. */
+static int use_q8(const Mat* A) {
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__FMA__))
   return A->kind == W_INT8 && A->K % QBLOCK == 0;
 #else
   (void)A; return 0;
@@ -109,7 +121,7 @@ static void quantize_blocks(const float* x, size_t n, int block, int8_t* q, floa
 static void prepare(const Mat* A, const float* x, int M, Acts* acts) {
   const size_t n = (size_t)M * A->K;
   if (A->kind == W_INT4) quantize_blocks(x, n, Q4BLOCK, acts->q, acts->qs);
-  else if (use_vnni(A)) quantize_blocks(x, n, QBLOCK, acts->q, acts->qs);
+  else if (use_q8(A)) quantize_blocks(x, n, QBLOCK, acts->q, acts->qs);
   else if (use_dpbf16(A))
     for (size_t i = 0; i < n; i++) acts->b16[i] = f32_to_bf16(x[i]);
 }
@@ -154,9 +166,7 @@ static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int
     const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[b] * f16_to_f32(ws[b >> gs])), acc);
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  s = hsum256(acc);
 #endif
   for (; b < nb; b++) {
     const uint8_t* p = w + 16 * b;
@@ -168,31 +178,61 @@ static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int
   return s;
 }
 
-/* x row . weight row for the int8 (row scale not applied), bf16 and fp32 kinds. */
+/* One int8 row . one activation row of int8 blocks (xq, their scales xs), row scale not applied: each block's exact
+   integer dot product times the block's activation scale, summed in fp32. */
+static inline float dot_q8(const int8_t* w, const int8_t* xq, const float* xs, int K) {
+  float s = 0.f;
+  int k = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  /* sum_k x_k w_k = sum_k |x_k| * (sign(x_k) w_k): vpdpbusd multiplies unsigned by signed bytes; |w| <= 127, so
+     the negation never overflows. */
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (; k < K; k += QBLOCK) {
+    const __m512i xv = _mm512_loadu_si512(xq + k);
+    const __m512i wv = _mm512_loadu_si512(w + k);
+    const __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
+    const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), ws);
+    if ((k / QBLOCK) & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a1);
+    else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a0);
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+  /* The same sign trick with vpmaddubsw (unsigned x signed bytes -> pairwise int16 sums, at most 2 x 127 x 127 =
+     32258: no saturation), widened to int32 by vpmaddwd before the block's two halves are added. A lane sums 8
+     products (< 2^24), so its fp32 conversion is exact like VNNI's. */
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (; k < K; k += QBLOCK) {
+    const __m256i x0 = _mm256_loadu_si256((const __m256i*)(xq + k));
+    const __m256i x1 = _mm256_loadu_si256((const __m256i*)(xq + k + 32));
+    const __m256i w0 = _mm256_loadu_si256((const __m256i*)(w + k));
+    const __m256i w1 = _mm256_loadu_si256((const __m256i*)(w + k + 32));
+    const __m256i d = _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)), ones),
+        _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(w1, x1)), ones));
+    if ((k / QBLOCK) & 1) a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[k / QBLOCK]), a1);
+    else a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[k / QBLOCK]), a0);
+  }
+  s = hsum256(_mm256_add_ps(a0, a1));
+#endif
+  for (; k < K; k += QBLOCK) { /* unused: use_q8 is false in scalar builds */
+    int d = 0;
+    for (int j = 0; j < QBLOCK; j++) d += xq[k + j] * w[k + j];
+    s += (float)d * xs[k / QBLOCK];
+  }
+  return s;
+}
+
+/* x row . weight row for the int8 kind with exact activations (row scale not applied), bf16 and fp32. */
 static float dot_row(const Mat* A, const char* wr, const float* xr, const Acts* acts, int m) {
   const int K = A->K, kind = A->kind;
   float s = 0.f;
   int k = 0;
-  (void)acts; (void)m; /* used by the AVX-512 paths only */
+  (void)acts; (void)m; /* used by the AVX-512 BF16 path only */
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  if (use_vnni(A)) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    /* sum_k x_k w_k = sum_k |x_k| * (sign(x_k) w_k): vpdpbusd multiplies unsigned by signed bytes; |w| <= 127, so
-       the negation never overflows. Each block's int32 sum is scaled by that block's activation scale. */
-    const int8_t* xq = acts->q + (size_t)m * K;
-    const float* xs = acts->qs + (size_t)m * (K / QBLOCK);
-    const __m512i zero = _mm512_setzero_si512();
-    for (; k < K; k += QBLOCK) {
-      const __m512i xv = _mm512_loadu_si512(xq + k);
-      const __m512i wv = _mm512_loadu_si512(wr + k);
-      const __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
-      const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), ws);
-      if ((k / QBLOCK) & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a1);
-      else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[k / QBLOCK]), a0);
-    }
-#endif
-  } else if (use_dpbf16(A)) {
+  if (use_dpbf16(A)) {
 #if defined(__AVX512BF16__)
     const uint16_t* xb = acts->b16 + (size_t)m * K;
     for (; k + 64 <= K; k += 64) {
@@ -222,6 +262,34 @@ static float dot_row(const Mat* A, const char* wr, const float* xr, const Acts* 
     }
   }
   s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__) && defined(__FMA__)
+  /* Four accumulators: an FMA's latency is 4-5 cycles and two issue per cycle, so one chain would idle the units. */
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  if (kind == W_FP32) {
+    const float* w = (const float*)wr;
+    for (; k + 32 <= K; k += 32) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(w + k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 8), _mm256_loadu_ps(w + k + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 16), _mm256_loadu_ps(w + k + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 24), _mm256_loadu_ps(w + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(w + k), a0);
+  } else if (kind == W_INT8) {
+    for (; k + 16 <= K; k += 16) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(wr + k));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 8),
+                           _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b))), a1);
+    }
+  } else { /* bf16: the upper half of an fp32, so widening is a 16-bit shift */
+    for (; k + 16 <= K; k += 16) {
+      const __m256i h0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(wr + 2 * k)));
+      const __m256i h1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(wr + 2 * k + 16)));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k), _mm256_castsi256_ps(_mm256_slli_epi32(h0, 16)), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + k + 8), _mm256_castsi256_ps(_mm256_slli_epi32(h1, 16)), a1);
+    }
+  }
+  s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
   for (; k < K; k++) s += xr[k] * widen_one(wr, k, kind);
   return s;
@@ -248,6 +316,9 @@ static void row(const Mat* A, const float* x, const Acts* acts, int M, int n, fl
       const uint16_t* ws = (const uint16_t*)A->scale + (size_t)n * (K / A->group);
       s = dot_int4((const uint8_t*)wr, ws, A->group, acts->q + (size_t)m * K, acts->qs + (size_t)m * (K / Q4BLOCK),
                    K);
+    } else if (use_q8(A)) {
+      s = dot_q8((const int8_t*)wr, acts->q + (size_t)m * K, acts->qs + (size_t)m * (K / QBLOCK), K) *
+          ((const float*)A->scale)[n];
     } else {
       s = dot_row(A, wr, x + (size_t)m * K, acts, m);
       if (A->kind == W_INT8) s *= ((const float*)A->scale)[n];
@@ -327,6 +398,29 @@ typedef struct {
   int* esel;      /* MoE: the k chosen experts */
 } Model;
 
+/* q . k over one head. Written out with SIMD because C's strict float order keeps the compiler from vectorizing
+   a reduction: the scalar loop is a chain of dependent adds, and with it decoding SmolLM2-135M (int8) slowed from
+   ~208 to ~144 tok/s between an 8- and a 256-token context. */
+static inline float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+  int i = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+  }
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+  s = hsum256(_mm256_add_ps(a0, a1));
+#endif
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
 static void norm(const Model* m, const float* x, const float* w, const float* b, float* out) {
   const int C = m->C;
   float mean = 0.f, var = 0.f;
@@ -352,21 +446,6 @@ static void rope(const Model* m, float* v, int pos) { /* rotate-half layout (HF 
     v[i] = x1 * c[i] - x2 * s[i];
     v[i + h2] = x2 * c[i + h2] + x1 * s[i + h2];
   }
-}
-
-/* q . k over one head. Written out with AVX-512 because C's strict float order keeps the compiler from vectorizing
-   a reduction: the scalar loop is a chain of dependent adds, and with it decoding SmolLM2-135M (int8) slowed from
-   ~208 to ~144 tok/s between an 8- and a 256-token context. */
-static inline float dot(const float* a, const float* b, int n) {
-  float s = 0.f;
-  int i = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; i++) s += a[i] * b[i];
-  return s;
 }
 
 /* Attention of one query head over cache positions 0..pos (the last m->window of them, if set). */
@@ -397,6 +476,19 @@ static void attend(const Model* m, const Layer* L, int h, int pos) {
     }
     const __m512 inv = _mm512_set1_ps(1.f / sum);
     for (int j = 0; j < hd / 16; j++) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(acc[j], inv));
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (hd % 8 == 0 && hd <= 256) {
+    __m256 acc[32];
+    for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int t = t0; t <= pos; t++) {
+      const __m256 p = _mm256_set1_ps(sc[t]);
+      const float* v = vc + (size_t)t * hd;
+      for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
+    for (int j = 0; j < hd / 8; j++) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(acc[j], inv));
     return;
   }
 #endif
@@ -498,12 +590,14 @@ void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) 
 }
 
 /* Which instruction paths this build uses: 1 = int8 VNNI (int8 and int4 weights), 2 = bf16 dot products,
-   4 = AVX-512, 8 = the AVX2 int4 dot (used when VNNI is not), 16 = F16C (fp16 scales). */
+   4 = AVX-512, 8 = AVX2 + FMA (the int8 and int4 dots where VNNI is missing, every other vector loop where AVX-512
+   is), 16 = F16C (fp16 scales). */
 int slm_features(void) {
   int f = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   f |= 1;
-#elif defined(__AVX2__) && defined(__FMA__)
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
   f |= 8;
 #endif
 #if defined(__F16C__)
