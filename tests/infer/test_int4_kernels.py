@@ -162,21 +162,32 @@ def test_fused_int4_decode_matches_pytorch(name, group, monkeypatch):
         model(ids[:, :6], cache=cache)
         stepwise = torch.stack([model(ids[:, t : t + 1], cache=cache)[0][0, -1] for t in range(6, 12)])
     torch.testing.assert_close(got, stepwise, rtol=1e-4, atol=1e-4)
-    params = SamplingParams(max_new_tokens=20, temperature=0.0)
-    fast = list(generate(model, [1, 2, 3], params))
-    assert fast == list(generate(model, [1, 2, 3], params, fast=False))
+    _same_greedy_tokens(model, [1, 2, 3], 20)
     monkeypatch.setattr(kernels, "available", lambda: False)  # the reference: dequantize + fp32 matmul in PyTorch
     with torch.inference_mode():
         exact = model(ids)[0][0, 6:]
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
+def _same_greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of the fused C step equal PyTorch's, step by step — except where the two were at a near tie:
+    int8 activation rounding turns a 1-ulp difference elsewhere (another CPU's attention or norm code) into a
+    different rounding of one activation, which may flip a tie. Such a flip must be a tie in the reference's logits."""
+    params = SamplingParams(max_new_tokens=n, temperature=0.0)
+    fast, slow = list(generate(model, prompt, params)), list(generate(model, prompt, params, fast=False))
+    i = next((j for j, (a, b) in enumerate(zip(fast, slow, strict=True)) if a != b), None)
+    if i is not None:
+        with torch.inference_mode():
+            logits = model(torch.tensor([[*prompt, *slow[:i]]]))[0][0, -1]
+        gap = float(logits[slow[i]] - logits[fast[i]]).__abs__()
+        assert gap < 1e-2 * float(logits.abs().max()), (i, fast, slow, gap)
+    return slow
+
+
 def test_fused_int4_greedy_decoding_varies():
     """The token comparison above is not vacuous: with larger weights greedy decoding does not repeat one token."""
     model = quantize(_model(**CONFIGS["llama"]), "int4")
-    params = SamplingParams(max_new_tokens=20, temperature=0.0)
-    fast = list(generate(model, [1, 2, 3], params))
-    assert fast == list(generate(model, [1, 2, 3], params, fast=False)) and len(set(fast)) >= 5
+    assert len(set(_same_greedy_tokens(model, [1, 2, 3], 20))) >= 5
 
 
 def test_int4_model_is_close_to_fp32():
@@ -199,7 +210,8 @@ def test_avx512_paths_compile(march, tmp_path):
     intrinsic would otherwise only fail when loaded on such a machine)."""
     src = Path(kernels.__file__).parent / "csrc" / "kernels.c"
     cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-O3", f"-march={march}", "-fopenmp", "-Wall", "-Werror=implicit-function-declaration",
+    cmd = [cc, "-O3", f"-march={march}", "-DSLMKIT_INT4_AVX512", "-fopenmp", "-Wall",
+           "-Werror=implicit-function-declaration",
            "-Werror=incompatible-pointer-types", "-c", str(src), "-o", str(tmp_path / "k.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if res.returncode and ("unrecognized" in res.stderr or "bad value" in res.stderr):

@@ -12,8 +12,8 @@
  *   - int4: (N, K/2) bytes in llama.cpp's Q4_0 block layout (slmkit/infer/quantized.py) with one fp16 scale per group
  *     of 32/64/128 weights of a row. Always int8 x int8 like llama.cpp's Q4_0 x Q8_0 dot: activations are quantized
  *     in blocks of 32, and each 32-weight block's integer dot product is scaled by activation scale x weight scale.
- *     The nibbles are unpacked in registers, 32 weights at a time: never a widened copy of the matrix. AVX-512 VNNI,
- *     else AVX2 (vpmaddubsw), else scalar.
+ *     The nibbles are unpacked in registers, 32 weights at a time: never a widened copy of the matrix. AVX2
+ *     (vpmaddubsw), else scalar; an AVX-512 VNNI version is compiled only with -DSLMKIT_INT4_AVX512 until it has run.
  *   - bf16: activations are rounded to bf16 and multiplied with AVX-512 BF16 (vdpbf16ps); without it, widened.
  *   - fp32: fused multiply-add.
  * Every vector loop has an AVX-512 path, an AVX2 + FMA one (most laptops, AMD before Zen 4) and a scalar fallback:
@@ -133,7 +133,9 @@ static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int
   const int nb = K / Q4BLOCK, gs = __builtin_ctz(group / Q4BLOCK);
   float s = 0.f;
   int b = 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  /* Compile-tested only (the machine that wrote it has no AVX-512): opt in with -DSLMKIT_INT4_AVX512 until it has run
+     against tests/infer/test_int4_kernels.py on an AVX-512 VNNI CPU; AVX-512 machines take the AVX2 path meanwhile. */
+#if defined(SLMKIT_INT4_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   /* Two blocks per step. The 32 packed bytes p of blocks b, b+1 become [p & 15, p >> 4 & 15] = 128-bit lanes
      (lo_b, lo_b+1, hi_b, hi_b+1), reordered to (lo_b, hi_b, lo_b+1, hi_b+1): weights 32b .. 32b+63 in order. Then
      the int8 kernel's sign trick: vpdpbusd multiplies |x| (unsigned) by q with x's sign (|q| <= 8). The int32 lanes
