@@ -1,11 +1,11 @@
-"""Batch-1 greedy decoding speed: SmolLM2-135M imported into slmkit (fp32, bf16 and int8 weights) vs transformers'
+"""Batch-1 greedy decoding speed: SmolLM2-135M imported into slmkit (fp32, bf16, int8 and int4 weights) vs transformers'
 `generate()` on the same GGUF weights (fp32) and, when llama-cpp-python is installed (not part of the set-up:
 `.venv/bin/pip install llama-cpp-python==0.3.36`, a C++ build), llama.cpp on the GGUF file itself (Q4_1) — same
 prompt, same number of new tokens, same run, same thread count. On a CPU with AMX, build it without ggml's AMX path,
 which segfaults on its first decode (ggml-org/llama.cpp#20824; the CMAKE_ARGS are in docs/benchmarks.md, 2026-12-01).
 
 Decode tokens/s excludes the prompt: each side is timed generating 1 token and N tokens, and decode speed is
-(N − 1) / (t_N − t_1). Runs are interleaved (slmkit fp32, bf16, int8, transformers, repeat) and medians reported,
+(N − 1) / (t_N − t_1). Runs are interleaved (slmkit fp32, bf16, int8, int4, transformers, repeat) and medians reported,
 because the machine is shared. Also measured in the same run: the memory read bandwidth at the same thread count (a
 large fp32 reduction), so each speed is printed as a fraction of the bandwidth limit:
     bytes of weights read per token × tokens/s ÷ read bandwidth.
@@ -68,7 +68,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         if isinstance(mod, torch.nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
         elif isinstance(mod, QuantLinear):
-            total += mod.weight.numel() * mod.weight.element_size() + mod.scale.numel() * 4
+            total += mod.weight.numel() * mod.weight.element_size() + mod.scale.numel() * mod.scale.element_size()
         elif isinstance(mod, torch.nn.Embedding):
             total += mod.weight.shape[1] * mod.weight.element_size()
     return total
@@ -149,7 +149,7 @@ def main() -> None:
     if args.prompt_tokens:
         prompt = llm.tokenizer.encode(f"{PROMPT} " * args.prompt_tokens, bos=llm.tokenizer.add_bos)[:args.prompt_tokens]
     models = {"slmkit fp32": llm.model}
-    for dt in ("bf16", "int8"):
+    for dt in ("bf16", "int8", "int4"):  # int4: group 32, round-to-nearest (speed only: the GGUF is already 4-bit)
         models[f"slmkit {dt}"] = quantize(copy.deepcopy(llm.model), dt)
     timers = {name: (time_slmkit, m) for name, m in models.items()}
     if not args.no_peer:
@@ -177,7 +177,7 @@ def main() -> None:
                              min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
         print(f"greedy 32 tokens identical to transformers: {ours == theirs}")
     print(f"sample ({len(prompt)}-token prompt): {PROMPT}{llm.tokenizer.decode(ours)!r}")
-    for name in ("slmkit bf16", "slmkit int8"):
+    for name in ("slmkit bf16", "slmkit int8", "slmkit int4"):
         got = list(generate(models[name], prompt, SamplingParams(max_new_tokens=32, temperature=0.0)))
         same = next((i for i, (a, b) in enumerate(zip(got, ours, strict=True)) if a != b), len(ours))
         print(f"{name}: greedy tokens equal to fp32 for the first {same}/32: {llm.tokenizer.decode(got)!r}")
