@@ -72,6 +72,7 @@ def main() -> None:
     import torch
 
     from slmkit.compress.stage import quantize_run
+    from slmkit.errors import SlmError
 
     torch.set_num_threads(a.threads)
     parent = Path(a.run) if a.run else parent_run(a.preset, a.train_time, a.threads)
@@ -81,8 +82,12 @@ def main() -> None:
         rows.append(row(out, "int8 rtn", a.threads, a.max_bytes, kl=True))
         for method in a.methods:
             for g in a.groups:
-                out = quantize_run(parent, Path(tmp) / f"int4-{method}-{g}", weights="int4", group=g, method=method,
-                                   calib_samples=a.calib_samples)
+                try:
+                    out = quantize_run(parent, Path(tmp) / f"int4-{method}-{g}", weights="int4", group=g,
+                                       method=method, calib_samples=a.calib_samples)
+                except SlmError as e:  # e.g. a group that does not divide this model's widths
+                    print(f"skipped int4 {method} g{g}: {e}")
+                    continue
                 rows.append(row(out, f"int4 {method} g{g}", a.threads, a.max_bytes, kl=True))
     base = rows[0]["bpb"]
     print(f"parent: {parent}  ({a.threads} threads, first {a.max_bytes:,} bytes of each set, context ≤ 1024)")
