@@ -35,7 +35,6 @@ from slmkit.tokenizer import Tokenizer
 
 METHODS = ("rtn", "gptq", "awq")
 CALIBRATED = ("gptq", "awq")
-FORMAT = "slmkit-quantized/1"
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear | QuantExperts]:

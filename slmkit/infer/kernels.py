@@ -34,8 +34,8 @@ import torch.nn.functional as F
 _SOURCE = (Path(__file__).parent / "csrc" / "kernels.c").read_text()
 
 _lib: ctypes.CDLL | bool | None = None  # None = not tried yet, False = unavailable
-# The build measured ~1.3 s here (AMD EPYC, gcc, 2 cores); the first decode waits for it, so a compiler that hangs
-# must not hold the user for long. 30 s leaves room for a loaded machine.
+# A build takes seconds (docs/benchmarks.md); the first decode waits for it, so a compiler that hangs must not hold the
+# user for long. 30 s leaves room for a loaded machine.
 COMPILE_TIMEOUT_S = 30
 KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2, torch.uint8: 3}  # uint8: int4, two weights a byte
 QBLOCK = 64  # activations are quantized in blocks of this many values for int8 weights

@@ -394,13 +394,3 @@ def train_ngram(
         shutil.copyfile(data / "tokenizer.json", tmp / "tokenizer.json")
         run.write_meta(tmp, meta)
     return out
-
-
-def is_ngram_run(path: str | Path) -> bool:
-    """True when `path` is a directory written by `train_ngram` (its meta.json says "model_class": "ngram")."""
-    import json
-
-    try:
-        return json.loads((Path(path) / "meta.json").read_text()).get("model_class") == "ngram"
-    except (OSError, ValueError, AttributeError):
-        return False

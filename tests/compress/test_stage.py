@@ -63,9 +63,11 @@ def test_the_file_holds_packed_bytes_and_loading_widens_nothing(trained, tmp_pat
     assert size < fp32 * 0.6  # tiny model: the fp32 embedding is a large share; the matrices are 4.5 bits
     monkeypatch.setattr(qmod, "dequantize", lambda *a: pytest.fail("loading widened a packed layer"))
     model = load_quantized(out)
-    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-               if t.dtype != torch.float32 or t.dim() < 2 or t.shape[0] == TINY.block_size)
-    assert storage(model)["quantized_bytes"] == st["quantized_bytes"] and held > 0
+    # everything the loaded model holds is the packed layers and what stays fp32: no widened copy kept anywhere
+    held = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}
+               .values())
+    assert storage(model)["quantized_bytes"] == st["quantized_bytes"]
+    assert held == st["quantized_bytes"] + st["fp32_bytes"]
 
 
 def test_bad_requests_are_one_line(trained, tmp_path, tiny_data):

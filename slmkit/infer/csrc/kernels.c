@@ -17,8 +17,8 @@
  *   - bf16: activations are rounded to bf16 and multiplied with AVX-512 BF16 (vdpbf16ps); without it, widened.
  *   - fp32: fused multiply-add.
  * Every vector loop has an AVX-512 path, an AVX2 + FMA one (most laptops, AMD before Zen 4) and a scalar fallback:
- * scalar fp32 reductions are chains of dependent adds (C's float order forbids the compiler to vectorize them), ~7x
- * slower than PyTorch's GEMV.
+ * scalar fp32 reductions are chains of dependent adds (C's float order forbids the compiler to vectorize them), several
+ * times slower than PyTorch's GEMV (docs/benchmarks.md, 2026-12-02).
  * Each thread reads its share of the rows front to back, one row at a time.
  */
 #include <math.h>
