@@ -10,7 +10,11 @@ because the machine is shared. Also measured in the same run: the memory read ba
 large fp32 reduction), so each speed is printed as a fraction of the bandwidth limit:
     bytes of weights read per token × tokens/s ÷ read bandwidth.
 
-    python bench/decode.py [--new-tokens 128] [--repeats 5] [--threads 2] [--prompt-tokens 256]
+Options add rows: `--kv bf16 int8` decodes the int8 and int4 models again with that KV cache storage (the fp32
+cache is most of what a step reads past ~1k positions); `--prefill` also times the prompt's forward pass (prompt
+tokens/s) on every side.
+
+    python bench/decode.py [--new-tokens 128] [--repeats 5] [--threads 2] [--prompt-tokens 256] [--kv int8] [--prefill]
 """
 
 from __future__ import annotations
@@ -94,15 +98,40 @@ def smollm2(root: Path) -> tuple[Path, Path]:
     return gguf, run
 
 
-def time_slmkit(model, prompt: list[int], n: int) -> float:
+def time_slmkit(model, prompt: list[int], n: int, kv: str = "fp32") -> float:
     from slmkit.infer.engine import SamplingParams, generate
 
     params = SamplingParams(max_new_tokens=n, temperature=0.0)
     t = time.perf_counter()
-    out = list(generate(model, prompt, params))  # no stop ids: always n tokens
+    out = list(generate(model, prompt, params, kv=kv))  # no stop ids: always n tokens
     dt = time.perf_counter() - t
     assert len(out) == n
     return dt
+
+
+def prefill_slmkit(model, prompt: list[int]) -> float:
+    """Seconds of the prompt's forward pass into a fresh cache (what generate() does before its first token)."""
+    cache = model.new_cache(1, len(prompt) + 1)
+    ids = torch.tensor([prompt])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(ids, cache=cache, last_only=True)
+    return time.perf_counter() - t
+
+
+def prefill_hf(model, prompt: list[int]) -> float:
+    ids = torch.tensor([prompt])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - t
+
+
+def prefill_llama_cpp(llm, prompt: list[int]) -> float:
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    return time.perf_counter() - t
 
 
 def time_hf(model, prompt: list[int], n: int) -> float:
@@ -137,6 +166,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int,
                     help="decode after a prompt of N tokens (the text repeated) instead of the 8-token sentence: "
                          "attention over a longer cache")
+    ap.add_argument("--kv", nargs="*", default=[], choices=["bf16", "int8"],
+                    help="also decode the int8 and int4 models with this KV cache storage")
+    ap.add_argument("--prefill", action="store_true", help="also time the prompt's forward pass on every side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -152,6 +184,12 @@ def main() -> None:
     for dt in ("bf16", "int8", "int4"):  # int4: group 32, round-to-nearest (speed only: the GGUF is already 4-bit)
         models[f"slmkit {dt}"] = quantize(copy.deepcopy(llm.model), dt)
     timers = {name: (time_slmkit, m) for name, m in models.items()}
+    prefills = {name: (prefill_slmkit, m) for name, m in models.items()}
+    for kv in args.kv:
+        for dt in ("int8", "int4"):
+            name = f"slmkit {dt} kv-{kv}"
+            models[name] = models[f"slmkit {dt}"]
+            timers[name] = (lambda m, p, k, kv=kv: time_slmkit(m, p, k, kv), models[name])
     if not args.no_peer:
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging
@@ -159,6 +197,7 @@ def main() -> None:
         logging.set_verbosity_error()
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
         timers["transformers fp32"] = (time_hf, hf)
+        prefills["transformers fp32"] = (prefill_hf, hf)
         models["transformers fp32"] = hf
     llama = None
     if not args.no_peer and importlib.util.find_spec("llama_cpp") is not None:
@@ -177,13 +216,18 @@ def main() -> None:
                              min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
         print(f"greedy 32 tokens identical to transformers: {ours == theirs}")
     print(f"sample ({len(prompt)}-token prompt): {PROMPT}{llm.tokenizer.decode(ours)!r}")
-    for name in ("slmkit bf16", "slmkit int8", "slmkit int4"):
-        got = list(generate(models[name], prompt, SamplingParams(max_new_tokens=32, temperature=0.0)))
+    for name in [n for n in timers if n.startswith("slmkit ") and n != "slmkit fp32"]:
+        kv = name.split("kv-")[1] if "kv-" in name else "fp32"
+        got = list(generate(models[name], prompt, SamplingParams(max_new_tokens=32, temperature=0.0), kv=kv))
         same = next((i for i, (a, b) in enumerate(zip(got, ours, strict=True)) if a != b), len(ours))
         print(f"{name}: greedy tokens equal to fp32 for the first {same}/32: {llm.tokenizer.decode(got)!r}")
 
     n = args.new_tokens
     speeds: dict[str, list[float]] = {name: [] for name in timers}
+    prompt_speeds: dict[str, list[float]] = {name: [] for name in prefills}
+    if llama is not None:
+        prompt_speeds["llama.cpp Q4_1"] = []
+        prefills["llama.cpp Q4_1"] = (prefill_llama_cpp, llama)
     for fn, m in timers.values():  # warm-up (kernels compiled, caches allocated)
         fn(m, prompt, 4)
     if llama is not None:
@@ -198,18 +242,31 @@ def main() -> None:
         if llama is not None:
             speeds["llama.cpp Q4_1"].append((n - 1) / time_llama_cpp(llama, prompt, n))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speeds.items()))
+        if args.prefill:
+            for name, (fn, m) in prefills.items():
+                prompt_speeds[name].append(len(prompt) / fn(m, prompt))
+            print("  prefill tok/s: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in prompt_speeds.items()))
     bw = statistics.median(bws)
     print(f"\nread bandwidth ({args.threads} threads): {bw / 1e9:.1f} GB/s (per repeat: "
           f"{', '.join(f'{b / 1e9:.1f}' for b in bws)}); {n} new tokens after a {len(prompt)}-token prompt, medians of "
           f"{args.repeats}")
-    peer = statistics.median(speeds["transformers fp32"]) if "transformers fp32" in speeds else None
-    print(f"{'':20s} {'tok/s':>8s} {'MB/token':>9s} {'of bandwidth':>13s} {'vs transformers':>16s}")
-    for name, v in speeds.items():
-        # Q4_1: 20 bytes per 32 weights; the tied embedding is read whole by the head
+    med = {name: statistics.median(v) for name, v in speeds.items()}
+    hf_med, cpp_med = med.get("transformers fp32"), med.get("llama.cpp Q4_1")
+    print(f"{'decode':24s} {'tok/s':>8s} {'MB/token':>9s} {'of bandwidth':>13s} {'vs transformers':>16s} "
+          f"{'vs llama.cpp':>13s}")
+    for name, v in med.items():
+        # weights only (the KV cache read at long prompts is not counted); Q4_1: 20 bytes per 32 weights; the tied
+        # embedding is read whole by the head
         mb = weight_bytes_per_token(models[name]) / 1e6 if name in models else gguf_bytes_per_token(gguf) / 1e6
-        med = statistics.median(v)
-        ratio = f"{med / peer:.2f}x" if peer else "-"
-        print(f"{name:20s} {med:8.1f} {mb:9.0f} {mb * 1e6 * med / bw:12.0%} {ratio:>16s}")
+        vs_hf = f"{v / hf_med:.2f}x" if hf_med else "-"
+        vs_cpp = f"{v / cpp_med:.2f}x" if cpp_med else "-"
+        print(f"{name:24s} {v:8.1f} {mb:9.0f} {mb * 1e6 * v / bw:12.0%} {vs_hf:>16s} {vs_cpp:>13s}")
+    if args.prefill:
+        pm = {name: statistics.median(v) for name, v in prompt_speeds.items()}
+        cpp = pm.get("llama.cpp Q4_1")
+        print(f"\n{'prefill (' + str(len(prompt)) + ' tokens)':24s} {'tok/s':>8s} {'vs llama.cpp':>13s}")
+        for name, v in pm.items():
+            print(f"{name:24s} {v:8.0f} {f'{v / cpp:.2f}x' if cpp else '-':>13s}")
 
 
 if __name__ == "__main__":

@@ -43,31 +43,37 @@ class LLM:
         self.tokenizer, self.meta, self.path = tokenizer, meta or {}, path
 
     @classmethod
-    def load(cls, path: str | Path, *, threads: int | None = None, weights: WeightDtype = "fp32") -> LLM:
+    def load(cls, path: str | Path, *, threads: int | None = None, weights: WeightDtype = "fp32",
+             kv_cache: str = "fp32") -> LLM:
         """Load a checkpoint directory, a run directory (its latest checkpoint) or an n-gram run.
 
         weights: "int8", "int4" (group 32) or "bf16" quantize the linear layers in memory after loading
         (slmkit.compress.quantize): fewer bytes read per generated token, so faster decoding (docs/benchmarks.md). A
         checkpoint written by `slm quantize` is loaded packed, as it is, with no fp32 copy.
+        kv_cache: how generation stores keys and values, "fp32", "bf16" or "int8" (slmkit.model.gpt.KVCache): a
+        narrower cache decodes faster at long contexts and changes the logits slightly.
         """
         set_threads(threads)
         path = Path(path)
         if kind_of(path) == "ngram":  # counted by slm train --preset ngram-N: no torch weights
             if weights != "fp32":
                 raise SlmError(f"{path} is an n-gram model: it has no weights to quantize; drop --weights")
+            if kv_cache != "fp32":
+                raise SlmError(f"{path} is an n-gram model: it has no KV cache; drop --kv-cache")
             return cls(NgramLM.load(path), Tokenizer.load(path / "tokenizer.json"), read_meta(path), path)
         ckpt_dir = checkpoint.resolve(path)
         if kind_of(ckpt_dir) == "quantize":  # slm quantize wrote it: packed weights, installed without an fp32 copy
             meta = read_meta(ckpt_dir)
             if weights != "fp32":
                 raise SlmError(f"{path} is already quantized ({meta['quantization']['weights']}); drop --weights")
-            lm = NeuralLM(load_quantized(ckpt_dir), meta.get("model_class"), params=ParamCounts(**meta["counts"]))
+            lm = NeuralLM(load_quantized(ckpt_dir), meta.get("model_class"), params=ParamCounts(**meta["counts"]),
+                          kv_cache=kv_cache)
             return cls(lm, Tokenizer.load(ckpt_dir / "tokenizer.json"), meta, ckpt_dir)
         ckpt = checkpoint.load(ckpt_dir)
         run_dir = ckpt.path.parent.parent  # run/checkpoints/step_N → run
         in_run = ckpt.path.parent.name == "checkpoints" and kind_of(run_dir) is not None
         meta = {**(read_meta(run_dir) if in_run else {}), **ckpt.meta}
-        lm = NeuralLM(ckpt.model, meta.get("model_class"))
+        lm = NeuralLM(ckpt.model, meta.get("model_class"), kv_cache=kv_cache)
         quantize(lm.module, weights)
         return cls(lm, ckpt.tokenizer, meta, ckpt.path)
 

@@ -188,7 +188,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     stop = [unescape(s) for s in a.stop or ()]
     if "" in stop:
         raise SlmError("--stop needs a non-empty string (an empty one would stop before the first token)")
-    llm = LLM.load(a.run, threads=a.threads, weights=a.weights)
+    llm = LLM.load(a.run, threads=a.threads, weights=a.weights, kv_cache=a.kv_cache)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   repetition_penalty=a.repetition_penalty, stop=stop, seed=a.seed, chat=a.chat)
     for _ in range(a.num_samples):
@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
                    help="quantize the linear layers in memory after loading: int8/int4/bf16 read ~4x/~7x/2x fewer "
                         "bytes per token (faster on CPU); `slm quantize` writes a quantized checkpoint instead")
+    g.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="store the attention keys/values as fp32, bf16 (half the bytes) or int8 (a quarter): past ~1k "
+                        "tokens of context the cache is most of what each token reads (docs/benchmarks.md)")
 
     qz = add("quantize", cmd_quantize, "write a quantized checkpoint (int8, or int4 by round-to-nearest/GPTQ/AWQ)")
     qz.add_argument("run", help="run or checkpoint directory to quantize (native or imported)")

@@ -11,6 +11,14 @@ import torch
 
 torch.set_num_threads(1)  # tests are tiny; one thread avoids oversubscribing a shared 2-core machine
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Put the thread count back after each test: the CLI and LLM.load pin it to the cores, and a later test's
+    numbers (e.g. a model trained in a fixture) would then depend on which tests ran before it."""
+    yield
+    torch.set_num_threads(1)
+
 WORDS = (
     "the king is dead long live the king my lord what say you to this fair maid "
     "o romeo wherefore art thou and shall i compare thee to a summers day"

@@ -30,6 +30,7 @@ def generate(
     use_cache: bool = True,
     fast: bool = True,
     keep: float = KEEP,
+    kv: str = "fp32",
 ) -> Iterator[int]:
     """Yield new token ids one at a time (streaming). Stops at max_new_tokens or after yielding a stop id.
 
@@ -44,6 +45,8 @@ def generate(
     Positions restart at 0 after a shift (learned/sinusoidal/RoPE tables index from the window's first token).
 
     After the prompt, the models fused.py covers decode through its C step; `fast=False` keeps every step in PyTorch.
+    `kv` is the KV cache's storage, "fp32", "bf16" or "int8" (slmkit.model.gpt.KVCache): narrower is faster at long
+    contexts and changes the logits slightly.
     """
     p = params or SamplingParams()
     if not prompt:
@@ -58,7 +61,7 @@ def generate(
     ids = torch.tensor(list(prompt), dtype=torch.long)
     model.eval()
     # the cache holds only what this call can need: a full-context cache of an 8k-context model is ~0.4 GB
-    cache = model.new_cache(1, min(block, len(ids) + p.max_new_tokens)) if use_cache else None
+    cache = model.new_cache(1, min(block, len(ids) + p.max_new_tokens), kv=kv) if use_cache else None
     # one C call per token after the prompt, for the dense models it covers (fused.py); PyTorch otherwise
     fused = FusedDecoder.for_model(model, cache) if cache is not None and fast else None
     pending = ids[-block:]  # tokens not yet in the cache

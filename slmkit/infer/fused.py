@@ -3,7 +3,7 @@
 `FusedDecoder.for_model(model, cache)` returns None when the model is outside what the C step implements — attention
 other than full or sliding-window, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then
 decodes through PyTorch, which computes the same function (tests compare the two on every supported configuration).
-Dense and Mixture-of-Experts FFNs are both covered.
+Dense and Mixture-of-Experts FFNs are both covered, and every KV cache storage (fp32, bf16, int8: KVCache).
 Linear layers may be fp32 `nn.Linear` or int8/int4/bf16 `QuantLinear`, expert stacks fp32 parameters or int8/int4/bf16
 `QuantExperts` (slmkit.compress.quantize), mixed freely; the C step reads the packed weights in place.
 """
@@ -21,6 +21,7 @@ from slmkit.model.ffn import MoE
 from slmkit.model.gpt import GPT, KVCache
 
 POS_KINDS = {"none": 0, "learned": 1, "sinusoidal": 1, "rope": 2}
+KV_KINDS = {"fp32": 0, "bf16": 1, "int8": 2}  # kernels.c KV_F32, KV_BF16, KV_INT8
 
 
 def _linear(mod: nn.Module) -> kernels.Mat | None:
@@ -47,7 +48,7 @@ class FusedDecoder:
         cfg = model.config
         if cfg.attention not in ("full", "local") or cfg.lowrank or cfg.pos not in POS_KINDS:
             return None
-        if model.tok_emb.weight.dtype != torch.float32 or cache.k[0].dtype != torch.float32 or cache.k[0].size(0) != 1:
+        if model.tok_emb.weight.dtype != torch.float32 or cache.dtype != torch.float32 or cache.k[0].size(0) != 1:
             return None
         keep: list = [cache]  # every tensor whose address the C structs hold
         layers = (kernels.Layer * cfg.n_layer)()
@@ -60,8 +61,9 @@ class FusedDecoder:
                 return None
             n1, n2 = block.norm1, block.norm2
             keep += [n1, n2]
+            scales = (cache.k_scale[i].data_ptr(), cache.v_scale[i].data_ptr()) if cache.kv == "int8" else (None, None)
             layers[i] = kernels.Layer(n1.weight.data_ptr(), _bias(n1), n2.weight.data_ptr(), _bias(n2), *mats,
-                                      cache.k[i].data_ptr(), cache.v[i].data_ptr())
+                                      cache.k[i].data_ptr(), cache.v[i].data_ptr(), *scales)
             if moe is not None:
                 router = _linear(moe.router)
                 if router is None:
@@ -85,7 +87,7 @@ class FusedDecoder:
         rotary = model.blocks[0].attn.rotary
         cm = kernels.Model(
             cfg.n_layer, C, nh, nkv, hd, H, cache.max_len, cfg.norm == "rmsnorm", cfg.mlp == "swiglu",
-            POS_KINDS[cfg.pos], cfg.attn_window if cfg.attention == "local" else 0, cfg.norm_eps,
+            POS_KINDS[cfg.pos], cfg.attn_window if cfg.attention == "local" else 0, KV_KINDS[cache.kv], cfg.norm_eps,
             model.tok_emb.weight.data_ptr(), None if pos_table is None else pos_table.data_ptr(),
             None if rotary is None else rotary.cos.data_ptr(), None if rotary is None else rotary.sin.data_ptr(),
             model.norm_f.weight.data_ptr(), _bias(model.norm_f), head, layers,

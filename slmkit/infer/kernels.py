@@ -59,13 +59,13 @@ class Acts(ctypes.Structure):
 class Layer(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("n1w", "n1b", "n2w", "n2b")] + \
                [(n, Mat) for n in ("qkv", "proj", "fc", "down")] + \
-               [("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p), ("E", ctypes.c_int), ("k", ctypes.c_int),
+               [(n, ctypes.c_void_p) for n in ("kc", "vc", "ks", "vs")] + [("E", ctypes.c_int), ("k", ctypes.c_int),
                 ("router", Mat), ("efc", ctypes.POINTER(Mat)), ("edown", ctypes.POINTER(Mat))]
 
 
 class Model(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("n_layer", "C", "nh", "nkv", "hd", "H", "max_len", "rmsnorm", "swiglu",
-                                            "pos_kind", "window")] + [("eps", ctypes.c_float)] + \
+                                            "pos_kind", "window", "kv_kind")] + [("eps", ctypes.c_float)] + \
                [(n, ctypes.c_void_p) for n in ("emb", "pos_table", "cos", "sin", "nfw", "nfb")] + \
                [("head", Mat), ("layers", ctypes.POINTER(Layer))] + \
                [(n, ctypes.c_void_p) for n in ("x", "xb", "qkv", "att", "hb", "scores")] + [("acts", Acts)] + \

@@ -33,12 +33,16 @@ class NeuralLM:
     Scoring: windows with identical inputs (e.g. the choices of a multiple-choice question with one-token answers)
     share one forward pass; the rest are sorted by length and batched (padded right — causal attention keeps padding
     out of every scored position) up to `batch_tokens` per forward; the head's log-normaliser is computed `head_rows`
-    rows at a time. `precision` is the autocast of the forward ("fp32", "bf16", "auto").
+    rows at a time. `precision` is the autocast of the forward ("fp32", "bf16", "auto"). `kv_cache` is the storage of
+    generation's KV cache ("fp32", "bf16", "int8": slmkit.model.gpt.KVCache).
     """
 
     def __init__(self, module: GPT, model_class: str | None = None, *, batch_tokens: int = 4096,
-                 head_rows: int = 1024, precision: str = "fp32", params: ParamCounts | None = None):
+                 head_rows: int = 1024, precision: str = "fp32", params: ParamCounts | None = None,
+                 kv_cache: str = "fp32"):
         self.module = module.eval()
+        module.new_cache(1, 1, kv=kv_cache)  # refuses a storage this model cannot decode with, now rather than later
+        self.kv_cache = kv_cache
         # dense | moe | imported: recorded by whatever wrote the model, else read off its config
         self.model_class = model_class or run.model_class({"model": module.config.to_dict()})
         self.batch_tokens, self.head_rows, self.precision = batch_tokens, head_rows, precision
@@ -107,7 +111,7 @@ class NeuralLM:
     # --- generation and storage ---------------------------------------------------------------------------------------
 
     def generate(self, ids: Sequence[int], params: SamplingParams, *, stop_ids: Sequence[int] = ()) -> Iterator[int]:
-        return generate(self.module, ids, params, stop_ids=stop_ids)
+        return generate(self.module, ids, params, stop_ids=stop_ids, kv=self.kv_cache)
 
     def save(self, directory: str | Path) -> None:
         """model.safetensors + config.json, in the checkpoint format (`slmkit.checkpoint.save` writes a whole

@@ -76,10 +76,7 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float 
 
 def store_kv(cache: Any, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Write this call's keys/values at the cache position; return all cached keys/values (B, nkv, S, hd)."""
-    B, pos, T = k.size(0), cache.pos, k.size(2)
-    cache.k[layer][:B, :, pos : pos + T] = k
-    cache.v[layer][:B, :, pos : pos + T] = v
-    return cache.k[layer][:B, :, : pos + T], cache.v[layer][:B, :, : pos + T]
+    return cache.store(layer, k, v)
 
 
 def _expand_kv(x: Tensor, nh: int) -> Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmkit.config import ModelConfig
+from slmkit.errors import SlmError
 from slmkit.model.attention import ATTENTION_KINDS, STATE_ONLY_KINDS, causal_attention, project_qkv, store_kv
 from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
 
@@ -65,17 +66,40 @@ class Rotary(nn.Module):
 # KV cache
 
 
+KV_DTYPES = ("fp32", "bf16", "int8")  # what a KV cache can store: `new_cache(kv=...)`, `slm generate --kv-cache`
+
+
 class KVCache:
     """Static per-layer key/value buffers, preallocated once so decoding does no per-token allocation, holding only
     what the attention kind reads: keys and values (B, nkv, max_len, hd) per layer, or for linear attention, whose
-    decoding reads a recurrent state instead, empty (B, nkv, 0, hd) buffers and the state."""
+    decoding reads a recurrent state instead, empty (B, nkv, 0, hd) buffers and the state.
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: str = "cpu"):
+    `kv` is the storage: "fp32" (the model's dtype), "bf16" (half the bytes; llama.cpp keeps f16), or "int8" (a
+    quarter, plus one fp32 scale per position and head: k_scale/v_scale (B, nkv, max_len), the largest |value| of
+    the row maps to 127). Past about a thousand positions the cache, not the weights, is most of what a decode step
+    reads, so its width sets the speed there. Attention computes in the model's dtype from what was stored. Linear
+    attention keeps no keys/values (its recurrent state stays in the model's dtype); LSH attention refuses a rounded
+    cache.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: str = "cpu",
+                 kv: str = "fp32"):
+        if kv not in KV_DTYPES:
+            raise SlmError(f"kv cache {kv!r} is not one of {', '.join(KV_DTYPES)}")
+        if kv != "fp32" and cfg.attention == "lsh":
+            # measured: int8 rows moved enough keys across buckets to change the logits by ~10 % (fp32: ~1e-6)
+            raise SlmError("LSH attention hashes the cached keys into buckets, and a rounded cache moves keys "
+                             "across buckets: use kv='fp32'")
         # empty rather than absent: code that copies or slices caches layer by layer works unchanged
         kv_len = 0 if cfg.attention in STATE_ONLY_KINDS else max_len
         shape = (batch_size, cfg.n_kv_head, kv_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        store = {"fp32": dtype, "bf16": torch.bfloat16, "int8": torch.int8}[kv]
+        self.kv, self.dtype = kv, dtype
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(cfg.n_layer)]
+        n = cfg.n_layer if kv == "int8" else 0
+        self.k_scale = [torch.zeros(shape[:3], device=device) for _ in range(n)]
+        self.v_scale = [torch.zeros(shape[:3], device=device) for _ in range(n)]
         self.state: list = [None] * cfg.n_layer  # recurrent per-layer state of linear attention (unused otherwise)
         self.pos = 0  # tokens already stored
         self.max_len = max_len
@@ -84,9 +108,36 @@ class KVCache:
         self.pos = 0
 
     def nbytes(self) -> int:
-        """Bytes held: key/value buffers plus any recurrent state."""
-        tensors = [*self.k, *self.v, *(t for s in self.state if s is not None for t in s)]
+        """Bytes held: key/value buffers and their scales, plus any recurrent state."""
+        tensors = [*self.k, *self.v, *self.k_scale, *self.v_scale,
+                   *(t for s in self.state if s is not None for t in s)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this call's keys/values (B, nkv, T, hd) at `pos`; return all cached keys/values (B, nkv, pos + T,
+        hd) in the model's dtype: views of the buffers for "fp32", decoded copies otherwise."""
+        B, pos, T = k.size(0), self.pos, k.size(2)
+        out = []
+        for buf, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if self.kv == "int8":
+                q, scale = int8_rows(x)
+                buf[layer][:B, :, pos : pos + T] = q
+                scales[layer][:B, :, pos : pos + T] = scale
+                stored = buf[layer][:B, :, : pos + T].to(self.dtype) * scales[layer][:B, :, : pos + T, None]
+            else:
+                buf[layer][:B, :, pos : pos + T] = x
+                stored = buf[layer][:B, :, : pos + T]
+            out.append(stored.to(self.dtype))
+        return out[0], out[1]
+
+
+def int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row of the last dim: (q, scale) with x ≈ q · scale[..., None], |q| ≤ 127 — the rule
+    kernels.c applies to the cache rows it writes."""
+    amax = x.detach().abs().amax(-1).float()
+    scale = amax / 127
+    q = torch.where(amax[..., None] > 0, x.float() * (127 / amax.clamp_min(1e-30))[..., None], 0.0)
+    return q.round().clamp(-127, 127).to(torch.int8), scale
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -304,6 +355,10 @@ class GPT(nn.Module):
         return [{"params": ps, "weight_decay": 0.0 if kind == "vector" else weight_decay, "kind": kind}
                 for kind, ps in groups.items() if ps]
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  kv: str = "fp32") -> KVCache:
+        """A cache for `batch_size` sequences of up to `max_len` tokens (default: the context), storing keys and
+        values as `kv` (KVCache)."""
         dtype = dtype or self.tok_emb.weight.dtype
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, dtype, self.tok_emb.weight.device)
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, dtype, self.tok_emb.weight.device,
+                       kv)

@@ -62,3 +62,31 @@ def test_a_good_call_echoes_the_prompt_then_the_continuation(ckpt, capsys):
     want = LLM.load(ckpt).generate("hi", max_new_tokens=6, temperature=0)
     assert (code, err) == (0, "")
     assert out == "hi" + want + "\n"
+
+
+@pytest.mark.parametrize("kv", ["bf16", "int8"])
+def test_kv_cache_flag_reaches_the_cache(ckpt, capsys, kv, monkeypatch):
+    from slmkit.api import LLM
+    from slmkit.model.gpt import KVCache
+
+    made: list[KVCache] = []
+    init = KVCache.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(KVCache, "__init__", spy)
+    code, out, err = _run(capsys, str(ckpt), "--prompt", "hi", "--max-new-tokens", "6", "--kv-cache", kv,
+                          "--temperature", "0")
+    assert (code, err) == (0, "") and out.startswith("hi")
+    assert made and made[-1].kv == kv and made[-1].k[0].dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv]
+    assert LLM.load(ckpt, kv_cache=kv).lm.kv_cache == kv
+
+
+def test_an_lsh_model_refuses_a_rounded_kv_cache_at_load(tmp_path, capsys):
+    model = GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16, attention="lsh",
+                            attn_window=8, lsh_buckets=4))
+    checkpoint.save(tmp_path / "lsh", model, Tokenizer.train("char", ["hi there"]), {"step": 0})
+    code, out, err = _run(capsys, str(tmp_path / "lsh"), "--prompt", "hi", "--kv-cache", "int8")
+    assert (code, out) == (2, "") and "LSH attention hashes" in err and len(err.splitlines()) == 1

@@ -150,8 +150,8 @@ def _model(std: float | None = 0.2, **kw) -> GPT:
     return model
 
 
-def _fused_logits(model: GPT, ids: torch.Tensor, split: int) -> torch.Tensor:
-    cache = model.new_cache(1, 32)
+def _fused_logits(model: GPT, ids: torch.Tensor, split: int, kv: str = "fp32") -> torch.Tensor:
+    cache = model.new_cache(1, 32, kv=kv)
     with torch.inference_mode():
         model(ids[:, :split], cache=cache)
         dec = FusedDecoder.for_model(model, cache)
@@ -193,10 +193,42 @@ def test_fused_step_matches_pytorch_for_quantized_moe(variant, name, dtype):
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         want = model(ids)[0][0, 6:]
-    torch.testing.assert_close(_fused_logits(model, ids, 6), want, rtol=1e-4, atol=1e-4)
+    got = _fused_logits(model, ids, 6)
+    if dtype == "bf16" and "bf16" in kernels.features():  # vdpbf16ps rounds the activations to bf16 as well
+        assert (got - want).norm() / want.norm() < 0.01
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     params = SamplingParams(max_new_tokens=20, temperature=0.0)
     fast = list(generate(model, [1, 2, 3], params))
     assert fast == list(generate(model, [1, 2, 3], params, fast=False)) and len(set(fast)) >= 5
+
+
+def _stepped_logits(model: GPT, ids: torch.Tensor, split: int, kv: str) -> torch.Tensor:
+    """PyTorch: prefill ids[:split] into a `kv` cache, then one token per forward."""
+    cache = model.new_cache(1, 32, kv=kv)
+    with torch.inference_mode():
+        model(ids[:, :split], cache=cache)
+        out = []
+        for t in range(split, ids.size(1)):
+            out.append(model(ids[:, t : t + 1], cache=cache)[0][0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kv, tol", [("bf16", 0.01), ("int8", 0.03)])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "local-window", "head-dim-20", "moe-top2"])
+def test_fused_step_with_a_narrow_kv_cache_matches_pytorch(variant, name, kv, tol):
+    """The C step reads the bf16/int8 rows the PyTorch prefill stored and stores its own by the same rounding rule,
+    so both compute the same function of the stored values (up to a rounding tie that an fp32 last-bit difference
+    tips the other way: a norm bound, not elementwise); that function stays close to the fp32 cache's (except for
+    MoE, whose routing a rounded key can flip: measured ~47 % with int8 on these random weights)."""
+    model = _model(**CONFIGS[name])
+    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(4))
+    got, stepped = _fused_logits(model, ids, 6, kv), _stepped_logits(model, ids, 6, kv)
+    assert (got - stepped).norm() / stepped.norm() < 2e-4
+    with torch.inference_mode():
+        exact = model(ids)[0][0, 6:]
+    err = ((got - exact).norm() / exact.norm()).item()
+    assert err > 1e-3 and (err < tol or name.startswith("moe"))  # rounded (not exact), and close
 
 
 def test_generate_fast_and_pytorch_paths_give_the_same_tokens(variant):

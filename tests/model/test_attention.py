@@ -69,6 +69,52 @@ def test_kv_cache_matches_full_forward(kind):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv, tol", [("bf16", 0.005), ("int8", 0.01)])
+@pytest.mark.parametrize("kind", ["full", "local", "blocksparse"])
+def test_narrow_kv_cache_stays_close_to_the_full_forward(kind, kv, tol):
+    """A bf16/int8 cache rounds what it stores, so cached decoding is close to, not equal to, one full forward."""
+    m = tiny(kind)
+    with torch.no_grad():
+        for w in m.parameters():
+            if w.dim() > 1:
+                w.normal_(0, 0.2)
+    x = torch.randint(0, 61, (2, 45), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full, _ = m(x)
+        cache = m.new_cache(2, kv=kv)
+        parts = [m(x[:, :10], cache=cache)[0], m(x[:, 10:21], cache=cache)[0]]
+        parts += [m(x[:, t : t + 1], cache=cache)[0] for t in range(21, 45)]
+    err = ((torch.cat(parts, dim=1) - full).norm() / full.norm()).item()
+    assert 0 < err < tol
+    assert cache.k[0].dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv]
+
+
+def test_int8_cache_rows_round_to_their_scale():
+    from slmkit.model.gpt import int8_rows
+
+    x = torch.randn(3, 2, 5, 16) * torch.logspace(-6, 3, 5)[:, None]
+    x[0, 0, 0] = 0  # an all-zero row: scale 0, zeros back
+    q, scale = int8_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == x.shape[:3] and q.abs().max() == 127
+    back = q.float() * scale[..., None]
+    assert ((back - x).abs() <= scale[..., None] / 2 * (1 + 1e-5)).all()
+    assert (back[0, 0, 0] == 0).all() and scale[0, 0, 0] == 0
+
+
+def test_kv_cache_sizes_and_bad_kind():
+    m = tiny("full")
+    c = m.config
+    fp32 = m.new_cache(2).nbytes()
+    assert m.new_cache(2, kv="bf16").nbytes() == fp32 // 2
+    rows = 2 * c.n_layer * 2 * c.n_kv_head * c.block_size  # (k, v) × layers × batch × heads × positions
+    assert m.new_cache(2, kv="int8").nbytes() == fp32 // 4 + rows * 4  # + one fp32 scale per row
+    with pytest.raises(SlmError, match="not one of fp32, bf16, int8"):
+        m.new_cache(1, kv="fp8")
+    with pytest.raises(SlmError, match="LSH attention hashes"):
+        tiny("lsh").new_cache(1, kv="bf16")
+    assert tiny("linear").new_cache(1, kv="int8").nbytes() == 0  # no keys/values kept: the state stays fp32
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cache_holds_only_what_the_kind_reads(kind):
     """Keys and values (B · nkv · max_len · hd fp32 per layer, twice) for the kinds that attend over the cache; linear

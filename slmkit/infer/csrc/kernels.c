@@ -373,14 +373,17 @@ void slm_widen(const Mat* A, int n0, int n1, float* out, int nthreads) {
 /* ---------------------------------------------------------------------------------------------------------------
  * One decode step of a dense pre-norm transformer (slmkit.model.GPT with full attention): GPT-2 style (learned or
  * sinusoidal positions, LayerNorm, GELU) or Llama style (RoPE, RMSNorm, SwiGLU, GQA), full or sliding-window
- * attention, dense or Mixture-of-Experts FFN, batch 1.
+ * attention, dense or Mixture-of-Experts FFN, batch 1. The KV cache holds fp32, bf16, or int8 rows (one fp32 scale
+ * per position and head, the row's largest |value| mapping to 127: slmkit.model.gpt.KVCache).
  */
 enum { POS_NONE = 0, POS_TABLE = 1, POS_ROPE = 2 };
+enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
 
 typedef struct {
   const float *n1w, *n1b, *n2w, *n2b;
   Mat qkv, proj, fc, down; /* fc/down: the dense FFN (unused when E > 0) */
-  float *kc, *vc; /* this layer's cache, (nkv, max_len, hd) */
+  void *kc, *vc;  /* this layer's cache, (nkv, max_len, hd) of the model's kv kind */
+  float *ks, *vs; /* int8 cache: one scale per row, (nkv, max_len); else NULL */
   int E, k;       /* Mixture-of-Experts FFN: E experts, k per token; 0 = dense */
   Mat router;
   const Mat *efc, *edown; /* E expert matrices each, laid out like fc/down */
@@ -389,6 +392,7 @@ typedef struct {
 typedef struct {
   int n_layer, C, nh, nkv, hd, H, max_len, rmsnorm, swiglu, pos_kind;
   int window; /* sliding-window attention: each query sees the last `window` positions; 0 = all */
+  int kv_kind; /* KV_F32, KV_BF16, KV_INT8 */
   float eps;
   const float *emb, *pos_table, *cos, *sin, *nfw, *nfb; /* emb (V, C); pos_table (block, C); cos/sin (block, hd) */
   Mat head;
@@ -400,26 +404,52 @@ typedef struct {
   int* esel;      /* MoE: the k chosen experts */
 } Model;
 
-/* q . k over one head. Written out with SIMD because C's strict float order keeps the compiler from vectorizing
-   a reduction: the scalar loop is a chain of dependent adds, and with it decoding SmolLM2-135M (int8) slowed from
-   ~208 to ~144 tok/s between an 8- and a 256-token context. */
-static inline float dot(const float* a, const float* b, int n) {
+/* Loads of 16 (AVX-512) or 8 (AVX2) cache values as fp32, from row storage of `kind` at element offset i. */
+#if defined(__AVX512F__)
+static inline __m512 kv_load16(int kind, const void* c, size_t i) {
+  if (kind == KV_BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)c + i))), 16));
+  if (kind == KV_INT8)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((const int8_t*)c + i))));
+  return _mm512_loadu_ps((const float*)c + i);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline __m256 kv_load8(int kind, const void* c, size_t i) {
+  if (kind == KV_BF16)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)c + i))), 16));
+  if (kind == KV_INT8)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((const int8_t*)c + i))));
+  return _mm256_loadu_ps((const float*)c + i);
+}
+#endif
+static inline float kv_at(int kind, const void* c, size_t i) {
+  if (kind == KV_BF16) return bf16_to_f32(((const uint16_t*)c)[i]);
+  if (kind == KV_INT8) return (float)((const int8_t*)c)[i];
+  return ((const float*)c)[i];
+}
+
+/* q . (cache row at element offset off) over one head, the row's scale not applied. Written out with SIMD because C's
+   strict float order keeps the compiler from vectorizing a reduction: the scalar loop is a chain of dependent adds,
+   and with it decoding SmolLM2-135M (int8) slowed from ~208 to ~144 tok/s between an 8- and a 256-token context. */
+static inline __attribute__((always_inline)) float dot_kv(const float* a, int kind, const void* c, size_t off, int n) {
   float s = 0.f;
   int i = 0;
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), kv_load16(kind, c, off + i), acc);
   s = _mm512_reduce_add_ps(acc);
 #elif defined(__AVX2__) && defined(__FMA__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv_load8(kind, c, off + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), kv_load8(kind, c, off + i + 8), a1);
   }
-  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+  for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv_load8(kind, c, off + i), a0);
   s = hsum256(_mm256_add_ps(a0, a1));
 #endif
-  for (; i < n; i++) s += a[i] * b[i];
+  for (; i < n; i++) s += a[i] * kv_at(kind, c, off + i);
   return s;
 }
 
@@ -450,31 +480,43 @@ static void rope(const Model* m, float* v, int pos) { /* rotate-half layout (HF 
   }
 }
 
-/* Attention of one query head over cache positions 0..pos (the last m->window of them, if set). */
-static void attend(const Model* m, const Layer* L, int h, int pos) {
-  const int t0 = m->window > 0 && pos >= m->window ? pos - m->window + 1 : 0;
+/* Write one key or value row (hd values) at row r = group * max_len + position, as the cache stores it. */
+static void kv_put(const Model* m, void* c, float* cs, size_t r, const float* x) {
+  const int hd = m->hd;
+  if (m->kv_kind == KV_BF16)
+    for (int i = 0; i < hd; i++) ((uint16_t*)c)[r * hd + i] = f32_to_bf16(x[i]);
+  else if (m->kv_kind == KV_INT8) quantize_blocks(x, hd, hd, (int8_t*)c + r * hd, cs + r);
+  else memcpy((float*)c + r * hd, x, hd * sizeof(float));
+}
+
+/* Attention of one query head over cache positions t0..pos, the cache rows of `kind` (a constant in each call of
+   attend's switch, so each kind compiles to its own loops). */
+static inline __attribute__((always_inline)) void attend_kind(const Model* m, const Layer* L, int h, int t0, int pos,
+                                                              int kind) {
   const int hd = m->hd, g = h / (m->nh / m->nkv);
   const float* q = m->qkv + (size_t)h * hd;
-  const float* kc = L->kc + (size_t)g * m->max_len * hd;
-  const float* vc = L->vc + (size_t)g * m->max_len * hd;
+  const size_t r0 = (size_t)g * m->max_len; /* row of position 0 in this group's cache */
+  const float *ks = L->ks ? L->ks + r0 : NULL, *vs = L->vs ? L->vs + r0 : NULL;
   float* sc = m->scores + (size_t)h * m->max_len;
   const float scale = 1.f / sqrtf((float)hd);
   float mx = -INFINITY;
   for (int t = t0; t <= pos; t++) {
-    sc[t] = dot(q, kc + (size_t)t * hd, hd) * scale;
+    sc[t] = dot_kv(q, kind, L->kc, (r0 + t) * hd, hd) * (kind == KV_INT8 ? ks[t] * scale : scale);
     mx = fmaxf(mx, sc[t]);
   }
   float sum = 0.f;
   for (int t = t0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+  /* int8 values: each position's weight carries its row scale */
+  if (kind == KV_INT8) for (int t = t0; t <= pos; t++) sc[t] *= vs[t];
   float* out = m->att + (size_t)h * hd;
 #if defined(__AVX512F__)
-  if (hd % 16 == 0 && hd <= 256) { /* the output row stays in registers across positions (out may alias vc for C) */
+  if (hd % 16 == 0 && hd <= 256) { /* the output row stays in registers across positions */
     __m512 acc[16];
     for (int j = 0; j < hd / 16; j++) acc[j] = _mm512_setzero_ps();
     for (int t = t0; t <= pos; t++) {
       const __m512 p = _mm512_set1_ps(sc[t]);
-      const float* v = vc + (size_t)t * hd;
-      for (int j = 0; j < hd / 16; j++) acc[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * j), acc[j]);
+      const size_t v = (r0 + t) * hd;
+      for (int j = 0; j < hd / 16; j++) acc[j] = _mm512_fmadd_ps(p, kv_load16(kind, L->vc, v + 16 * j), acc[j]);
     }
     const __m512 inv = _mm512_set1_ps(1.f / sum);
     for (int j = 0; j < hd / 16; j++) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(acc[j], inv));
@@ -486,8 +528,8 @@ static void attend(const Model* m, const Layer* L, int h, int pos) {
     for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_setzero_ps();
     for (int t = t0; t <= pos; t++) {
       const __m256 p = _mm256_set1_ps(sc[t]);
-      const float* v = vc + (size_t)t * hd;
-      for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+      const size_t v = (r0 + t) * hd;
+      for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_fmadd_ps(p, kv_load8(kind, L->vc, v + 8 * j), acc[j]);
     }
     const __m256 inv = _mm256_set1_ps(1.f / sum);
     for (int j = 0; j < hd / 8; j++) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(acc[j], inv));
@@ -497,7 +539,17 @@ static void attend(const Model* m, const Layer* L, int h, int pos) {
   for (int i = 0; i < hd; i++) out[i] = 0.f;
   for (int t = t0; t <= pos; t++) {
     const float p = sc[t] / sum;
-    for (int i = 0; i < hd; i++) out[i] += p * vc[(size_t)t * hd + i];
+    for (int i = 0; i < hd; i++) out[i] += p * kv_at(kind, L->vc, (r0 + t) * hd + i);
+  }
+}
+
+/* Attention of one query head over cache positions 0..pos (the last m->window of them, if set). */
+static void attend(const Model* m, const Layer* L, int h, int pos) {
+  const int t0 = m->window > 0 && pos >= m->window ? pos - m->window + 1 : 0;
+  switch (m->kv_kind) {
+    case KV_BF16: attend_kind(m, L, h, t0, pos, KV_BF16); break;
+    case KV_INT8: attend_kind(m, L, h, t0, pos, KV_INT8); break;
+    default: attend_kind(m, L, h, t0, pos, KV_F32);
   }
 }
 
@@ -548,8 +600,8 @@ void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) 
         float* v = k + (size_t)m->nkv * hd;
         for (int g = 0; g < m->nkv; g++) {
           if (m->pos_kind == POS_ROPE) rope(m, k + (size_t)g * hd, pos);
-          memcpy(L->kc + ((size_t)g * m->max_len + pos) * hd, k + (size_t)g * hd, hd * sizeof(float));
-          memcpy(L->vc + ((size_t)g * m->max_len + pos) * hd, v + (size_t)g * hd, hd * sizeof(float));
+          kv_put(m, L->kc, L->ks, (size_t)g * m->max_len + pos, k + (size_t)g * hd);
+          kv_put(m, L->vc, L->vs, (size_t)g * m->max_len + pos, v + (size_t)g * hd);
         }
       }
       #pragma omp for schedule(static)
