@@ -53,7 +53,7 @@ class Mat(ctypes.Structure):
 
 
 class Acts(ctypes.Structure):
-    _fields_ = [("q", ctypes.c_void_p), ("qs", ctypes.c_void_p), ("b16", ctypes.c_void_p)]
+    _fields_ = [("q", ctypes.c_void_p), ("qs", ctypes.c_void_p), ("b16", ctypes.c_void_p), ("xc", ctypes.c_void_p)]
 
 
 class Layer(ctypes.Structure):
@@ -204,7 +204,8 @@ class _Scratch:
         self.q = torch.empty(n, dtype=torch.int8)
         self.qs = torch.empty(max(1, n // Q4BLOCK), dtype=torch.float32)  # the smaller block: a scale per 32
         self.b16 = torch.empty(n, dtype=torch.int16)
-        self.acts = Acts(self.q.data_ptr(), self.qs.data_ptr(), self.b16.data_ptr())
+        self.xc = torch.empty(max(1, n // 4), dtype=torch.int32)  # int4: per-lane corrections
+        self.acts = Acts(self.q.data_ptr(), self.qs.data_ptr(), self.b16.data_ptr(), self.xc.data_ptr())
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,

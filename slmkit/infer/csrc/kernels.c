@@ -12,8 +12,8 @@
  *   - int4: (N, K/2) bytes in llama.cpp's Q4_0 block layout (slmkit/infer/quantized.py) with one fp16 scale per group
  *     of 32/64/128 weights of a row. Always int8 x int8 like llama.cpp's Q4_0 x Q8_0 dot: activations are quantized
  *     in blocks of 32, and each 32-weight block's integer dot product is scaled by activation scale x weight scale.
- *     The nibbles are unpacked in registers, 32 weights at a time: never a widened copy of the matrix. AVX2
- *     (vpmaddubsw), else scalar; an AVX-512 VNNI version is compiled only with -DSLMKIT_INT4_AVX512 until it has run.
+ *     The nibbles are unpacked in registers, 32 weights at a time: never a widened copy of the matrix.
+ *     AVX-512 VNNI (vpdpbusd, two blocks per instruction), else AVX2 (vpmaddubsw), else scalar.
  *   - bf16: activations are rounded to bf16 and multiplied with AVX-512 BF16 (vdpbf16ps); without it, widened.
  *   - fp32: fused multiply-add.
  * Every vector loop has an AVX-512 path, an AVX2 + FMA one (most laptops, AMD before Zen 4) and a scalar fallback:
@@ -54,6 +54,7 @@ typedef struct {
   int8_t* q;      /* int8 blocks: M * K */
   float* qs;      /* one scale per block: M * K / Q4BLOCK (the smaller block) */
   uint16_t* b16;  /* bf16: M * K */
+  int32_t* xc;    /* int4: -8 x the sum of each 4 consecutive int8 activations, M * K / 4 (dot_int4) */
 } Acts;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -120,55 +121,102 @@ static void quantize_blocks(const float* x, size_t n, int block, int8_t* q, floa
 /* Convert x (M, K) for A's kernel. Serial: K is at most a few thousand. */
 static void prepare(const Mat* A, const float* x, int M, Acts* acts) {
   const size_t n = (size_t)M * A->K;
-  if (A->kind == W_INT4) quantize_blocks(x, n, Q4BLOCK, acts->q, acts->qs);
+  if (A->kind == W_INT4) {
+    quantize_blocks(x, n, Q4BLOCK, acts->q, acts->qs);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    /* dot_int4's order: in each pair of blocks (b, b+1) of a row, [b 0-15, b+1 0-15, b 16-31, b+1 16-31], the order
+       in which a 32-byte load of the pair's packed weights unpacks (low nibbles, then high); a row's odd last block
+       stays as it is. */
+    const int nb = A->K / Q4BLOCK;
+    for (int m = 0; m < M; m++)
+      for (int b = 0; b + 2 <= nb; b += 2) {
+        int8_t* q = acts->q + (size_t)m * A->K + (size_t)b * Q4BLOCK;
+        int8_t t[16];
+        memcpy(t, q + 16, 16);      /* b 16-31 */
+        memcpy(q + 16, q + 32, 16); /* b+1 0-15 */
+        memcpy(q + 32, t, 16);
+      }
+#endif
+    for (size_t i = 0; i < n / 4; i++) {
+      const int8_t* q = acts->q + 4 * i;
+      acts->xc[i] = -8 * (q[0] + q[1] + q[2] + q[3]);
+    }
+  }
   else if (use_q8(A)) quantize_blocks(x, n, QBLOCK, acts->q, acts->qs);
   else if (use_dpbf16(A))
     for (size_t i = 0; i < n; i++) acts->b16[i] = f32_to_bf16(x[i]);
 }
 
 /* One int4 row . one activation row: w K/2 packed bytes, ws its K/group fp16 scales, xq/xs the row's int8 blocks of
-   Q4BLOCK and their scales. Each block adds (integer dot) x (activation scale x weight scale), in fp32. */
-static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int8_t* xq, const float* xs, int K) {
+   Q4BLOCK and their scales, xc its corrections (prepare). Each block adds (integer dot) x (activation scale x weight
+   scale), in fp32.
+   The SIMD paths multiply the unsigned nibbles u = q + 8 (0..15) by the signed activations, as vpdpbusd/vpmaddubsw
+   want (unsigned x signed bytes), and start each 4-byte lane's sum at -8 x (its 4 activations), from xc:
+   sum u x - 8 sum x = sum q x. That correction depends on the activations only, so it is computed once per call,
+   not once per row; the sign tricks it replaces cost three instructions per block in every row. */
+static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int8_t* xq, const float* xs,
+                      const int32_t* xc, int K) {
   /* block b's weight scale is ws[b >> gs]: a shift, as a division here cost more than the block's arithmetic */
   const int nb = K / Q4BLOCK, gs = __builtin_ctz(group / Q4BLOCK);
   float s = 0.f;
   int b = 0;
-  /* Compile-tested only (the machine that wrote it has no AVX-512): opt in with -DSLMKIT_INT4_AVX512 until it has run
-     against tests/infer/test_int4_kernels.py on an AVX-512 VNNI CPU; AVX-512 machines take the AVX2 path meanwhile. */
-#if defined(SLMKIT_INT4_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  /* Two blocks per step. The 32 packed bytes p of blocks b, b+1 become [p & 15, p >> 4 & 15] = 128-bit lanes
-     (lo_b, lo_b+1, hi_b, hi_b+1), reordered to (lo_b, hi_b, lo_b+1, hi_b+1): weights 32b .. 32b+63 in order. Then
-     the int8 kernel's sign trick: vpdpbusd multiplies |x| (unsigned) by q with x's sign (|q| <= 8). The int32 lanes
-     0-7 sum block b's products, 8-15 block b+1's. */
-  __m512 acc = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-  for (; b + 2 <= nb; b += 2) {
-    const __m256i p = _mm256_loadu_si256((const __m256i*)(w + 16 * b));
-    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
-    q = _mm512_sub_epi8(_mm512_and_si512(_mm512_shuffle_i64x2(q, q, _MM_SHUFFLE(3, 1, 2, 0)), low), eight);
-    const __m512i xv = _mm512_loadu_si512(xq + Q4BLOCK * b);
-    const __m512i qx = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(xv), zero, q);
-    const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(xv), qx);
-    const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xs[b] * f16_to_f32(ws[b >> gs])),
-                                           _mm512_set1_ps(xs[b + 1] * f16_to_f32(ws[(b + 1) >> gs])));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc);
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__FMA__))
+  float cs[nb]; /* activation scale x weight scale per block */
+  int c = 0;
+#if defined(__F16C__)
+  if (gs == 0)
+    for (; c + 8 <= nb; c += 8)
+      _mm256_storeu_ps(cs + c, _mm256_mul_ps(_mm256_loadu_ps(xs + c),
+                                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(ws + c)))));
+#endif
+  for (; c < nb; c++) cs[c] = xs[c] * f16_to_f32(ws[c >> gs]);
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  /* Two blocks per vpdpbusd. The 32 packed bytes p of blocks b, b+1 unpack to [p & 15, p >> 4 & 15]: weights
+     (b 0-15, b+1 0-15, b 16-31, b+1 16-31), the order prepare() gave the activations. So the int32 lanes 0-3 and
+     8-11 sum block b's products, 4-7 and 12-15 block b+1's. */
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (; b + 4 <= nb; b += 4) {
+    const __m256i p0 = _mm256_loadu_si256((const __m256i*)(w + 16 * b));
+    const __m256i p1 = _mm256_loadu_si256((const __m256i*)(w + 16 * b + 32));
+    const __m512i u0 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(p0), _mm256_srli_epi16(p0, 4), 1), low);
+    const __m512i u1 = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(p1), _mm256_srli_epi16(p1, 4), 1), low);
+    const __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(xc + 8 * b), u0, _mm512_loadu_si512(xq + Q4BLOCK * b));
+    const __m512i d1 = _mm512_dpbusd_epi32(_mm512_loadu_si512(xc + 8 * b + 16), u1,
+                                           _mm512_loadu_si512(xq + Q4BLOCK * b + 64));
+    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(cs[b]),
+                                                                       _mm512_set1_ps(cs[b + 1])), a0);
+    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(cs[b + 2]),
+                                                                       _mm512_set1_ps(cs[b + 3])), a1);
   }
-  s = _mm512_reduce_add_ps(acc);
+  if (b + 2 <= nb) {
+    const __m256i p = _mm256_loadu_si256((const __m256i*)(w + 16 * b));
+    const __m512i u = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1), low);
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xc + 8 * b), u, _mm512_loadu_si512(xq + Q4BLOCK * b));
+    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(cs[b]),
+                                                                      _mm512_set1_ps(cs[b + 1])), a0);
+    b += 2;
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #elif defined(__AVX2__) && defined(__FMA__)
-  /* llama.cpp's Q4_0 x Q8_0 on AVX2: vpmaddubsw multiplies unsigned by signed bytes, so it gets |q| and x with q's
-     sign; |q| <= 8 and |x| <= 127 keep its pairwise int16 sums (<= 2032) from saturating. */
-  __m256 acc = _mm256_setzero_ps();
+  /* llama.cpp's Q4_0 x Q8_0 on AVX2, with the correction above: vpmaddubsw's pairwise int16 sums of u x stay within
+     2 x 15 x 127 = 3810, far from saturating. */
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   const __m128i low = _mm_set1_epi8(0x0F);
-  const __m256i eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   for (; b < nb; b++) {
     const __m128i p = _mm_loadu_si128((const __m128i*)(w + 16 * b));
-    const __m256i q = _mm256_sub_epi8(
-        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low), _mm_and_si128(p, low)), eight);
+    const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), low), _mm_and_si128(p, low));
     const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + Q4BLOCK * b));
-    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q)), ones);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[b] * f16_to_f32(ws[b >> gs])), acc);
+    const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones),
+                                       _mm256_loadu_si256((const __m256i*)(xc + 8 * b)));
+    if (b & 1) a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(cs[b]), a1);
+    else a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(cs[b]), a0);
   }
-  s = hsum256(acc);
+  s = hsum256(_mm256_add_ps(a0, a1));
+#else
+  (void)xc;
 #endif
   for (; b < nb; b++) {
     const uint8_t* p = w + 16 * b;
@@ -317,7 +365,7 @@ static void row(const Mat* A, const float* x, const Acts* acts, int M, int n, fl
     if (A->kind == W_INT4) {
       const uint16_t* ws = (const uint16_t*)A->scale + (size_t)n * (K / A->group);
       s = dot_int4((const uint8_t*)wr, ws, A->group, acts->q + (size_t)m * K, acts->qs + (size_t)m * (K / Q4BLOCK),
-                   K);
+                   acts->xc + (size_t)m * (K / 4), K);
     } else if (use_q8(A)) {
       s = dot_q8((const int8_t*)wr, acts->q + (size_t)m * K, acts->qs + (size_t)m * (K / QBLOCK), K) *
           ((const float*)A->scale)[n];
