@@ -3,6 +3,8 @@
 # run one job:   bash scripts/setup.sh quickstart [slm quickstart flags]
 #                bash scripts/setup.sh test       [pytest flags]
 #                bash scripts/setup.sh slm ARGS   (any slm command)
+#                bash scripts/setup.sh peers      (optional: llama.cpp via llama-cpp-python, a C++ build of ~5 min,
+#                                                  for the llama.cpp parity tests and benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,5 +41,14 @@ case "$job" in
     .venv/bin/ruff check slmkit tests bench
     exec .venv/bin/python -m pytest -q "$@" ;;
   slm) exec .venv/bin/slm "$@" ;;
-  *) echo "usage: bash scripts/setup.sh quickstart|test|slm [args]" >&2; exit 2 ;;
+  peers)
+    if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+      # ggml's AMX backend segfaults in its first decode (ggml-org/llama.cpp#20824): every other native path, AMX off
+      export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    fi
+    echo "setup: building llama-cpp-python (llama.cpp) from source; takes several minutes" >&2
+    exec .venv/bin/python -m pip install -q --no-deps --no-cache-dir llama-cpp-python==0.3.36 diskcache==5.6.3 ;;
+  *) echo "usage: bash scripts/setup.sh quickstart|test|slm|peers [args]" >&2; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ from slmkit.compress.stage import load_quantized
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.infer.neural import NeuralLM
+from slmkit.interop.export import export_model
 from slmkit.model.ngram import NgramLM
 from slmkit.model.protocol import LanguageModel, ParamCounts
 from slmkit.run import kind_of, read_meta
@@ -138,3 +139,14 @@ class LLM:
     def generate(self, prompt: str, **kwargs: Any) -> str:
         """The continuation of `prompt` as one string (same arguments as `stream`)."""
         return "".join(self.stream(prompt, **kwargs))
+
+    def export(self, fmt: str, out: str | Path, *, dtype: str = "f32", quant: str | None = None,
+               overwrite: bool = False) -> Path:
+        """Write this model for another runtime into the directory `out` (slmkit.interop.export): "hf" (transformers'
+        `from_pretrained(out)`), "gguf" (`out/model.gguf` for llama.cpp; `quant` q8_0, q4_0 or q4_k_m) or "onnx"
+        (`out/model.onnx` with past keys/values, for onnxruntime). `dtype` f32, f16 or bf16.
+
+        >>> LLM.load("runs/shk-small").export("gguf", "exports/shk-gguf", quant="q8_0")  # doctest: +SKIP
+        """
+        return export_model(self.model, self.tokenizer, self.path, fmt, out, dtype=dtype, quant=quant,
+                            overwrite=overwrite, parent_meta=self.meta)

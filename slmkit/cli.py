@@ -219,6 +219,17 @@ def cmd_quantize(a: argparse.Namespace) -> None:
           f"{bits_text(meta['storage'])}; model.safetensors {size / 1e6:.1f} MB → {out}")
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from slmkit.api import LLM
+    from slmkit.run import check_out, read_meta
+
+    check_out(a.out, overwrite=a.overwrite, inputs=(a.run,))  # before the model is read
+    out = LLM.load(a.run).export(a.format, a.out, dtype=a.dtype, quant=a.quant, overwrite=a.overwrite)
+    info = read_meta(out)["export"]
+    print(f"exported {a.run} as {a.format} ({info.get('architecture') or info.get('arch') or ''}, "
+          f"{info['bytes'] / 1e6:.1f} MB: {', '.join(info['files'][:4])}) → {out}")
+
+
 def cmd_import(a: argparse.Namespace) -> None:
     from slmkit.checkpoint import load
     from slmkit.interop import import_gguf, import_hf
@@ -418,6 +429,26 @@ def build_parser() -> argparse.ArgumentParser:
         ip.add_argument("source", help=src_help)
         ip.add_argument("--out", required=True, help="checkpoint directory to create")
         ip.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    ex = add("export", cmd_export,
+             "write a model for another runtime: transformers (hf), llama.cpp (gguf), onnxruntime (onnx)")
+    ex.description = (
+        "Export a run, checkpoint, imported or quantized model into a directory another runtime loads:\n"
+        "  hf    config.json + model.safetensors + tokenizer files: AutoModelForCausalLM.from_pretrained(OUT)\n"
+        "  gguf  OUT/model.gguf with its tokenizer: llama-cli -m OUT/model.gguf (--quant q8_0|q4_0|q4_k_m)\n"
+        "  onnx  OUT/model.onnx, a decoder with past keys/values inputs and outputs, for onnxruntime\n"
+        "Each export holds a meta.json with lineage to what it came from. Architectures another runtime cannot\n"
+        "compute exactly (e.g. Performer attention) are refused rather than exported approximately.\n\n"
+        "  slm export runs/shk-small --format hf --out exports/shk-hf\n"
+        "  slm export runs/shk-small --format gguf --quant q8_0 --out exports/shk-gguf")
+    ex.formatter_class = argparse.RawDescriptionHelpFormatter
+    ex.add_argument("run", help="run directory (latest checkpoint), checkpoint, imported or quantized model")
+    ex.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"], help="the target runtime's format")
+    ex.add_argument("--out", required=True, help="directory to create")
+    ex.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="tensor type (default f32)")
+    ex.add_argument("--quant", choices=["q8_0", "q4_0", "q4_k_m"],
+                    help="gguf only: llama.cpp quantization of the matrices (an int4 group-32 model is already Q4_0)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an --out that slmkit wrote")
 
     ev = add("eval", cmd_eval, "measure a run: bits per byte on held-out text, multiple-choice tasks, efficiency")
     ev.add_argument("run", help="run directory (latest checkpoint), checkpoint directory or n-gram run")

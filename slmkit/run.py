@@ -37,6 +37,7 @@ KINDS = {
     "checkpoint": "one checkpoint inside a run (run/checkpoints/step_N)",
     "report": "an slm compare report",
     "quantize": "a quantized checkpoint (slm quantize)",
+    "export": "a model exported for another runtime (slm export: transformers, GGUF, ONNX)",
 }
 MODEL_KINDS = ("train", "ngram", "import", "checkpoint", "quantize")
 

@@ -25,6 +25,18 @@ WORDS = (
 ).split()
 
 
+def noisy_weights(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Redraw `model`'s weights large enough (matrices std 0.2, norm gains around 1, small biases) that a misplaced
+    head, bias, mask or position shows in the logits and greedy decoding does not settle into repeating one token."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(std * noise if p.dim() > 1 else 1 + 0.1 * noise if "norm" in name and "weight" in name
+                    else 0.1 * noise)
+    return model
+
+
 def make_corpus(root: Path, n_docs: int = 12, words_per_doc: int = 400, seed: int = 0) -> Path:
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)

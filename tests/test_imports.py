@@ -17,11 +17,11 @@ ROOT = Path(slmkit.__file__).parent
 # (data → tokenizer → model → train → compress → eval → export/serve), with the storage and runtime layers each stage
 # needs placed below the stages: a checkpoint is written by train, so it sits under train; the C kernels and quantized
 # linears are what compress produces modules for, and eval measures decoding through the engine, so infer sits under
-# both.
+# both. interop (import/export of other formats) sits under api, so `LLM.export` can call it.
 LAYERS = (
     ("errors",), ("fsutil", "versions"), ("runtime",), ("config",), ("run",), ("metrics", "sampling"),
-    ("tokenizer",), ("data",), ("model",), ("checkpoint",), ("train",), ("infer",), ("compress",), ("api",),
-    ("eval",), ("interop",), ("recipes",), ("serve",), ("cli", "__main__", "__init__"),
+    ("tokenizer",), ("data",), ("model",), ("checkpoint",), ("train",), ("infer",), ("compress",), ("interop",),
+    ("api",), ("eval",), ("recipes",), ("serve",), ("cli", "__main__", "__init__"),
 )
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -32,7 +32,7 @@ _GPT2_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 _LLAMA3_RE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 _PRE_DIGITS = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}  # \p{N} split first
-_PRE_GPT2 = {"gpt2", "default", "mpt", "olmo", "jais"}
+_PRE_GPT2 = {"gpt-2", "gpt2", "default", "mpt", "olmo", "jais"}
 _PRE_LLAMA3 = {"llama-bpe", "llama3", "smaug-bpe"}
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that become added tokens
@@ -161,9 +161,13 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> Tokenizer:
         raise SlmError(f"{path}: tokenizer model {kind!r} is not supported; slmkit imports byte-level BPE ('gpt2') "
                        "tokenizers")
     tokens: list[str] = list(_need(meta, "tokenizer.ggml.tokens", path))
-    merges = [tuple(m.split(" ", 1)) for m in _need(meta, "tokenizer.ggml.merges", path)]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # a merge whose pieces or result are not tokens can never apply (llama.cpp skips it); HF tokenizers panics on it
+    # (an exported byte-level vocabulary carries one such placeholder merge: GGUF needs a non-empty merges array)
+    merges = [(a, b) for m in _need(meta, "tokenizer.ggml.merges", path)
+              for a, _, b in [m.partition(" ")] if a in vocab and b in vocab and a + b in vocab]
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    tk = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _PRE_GPT2:

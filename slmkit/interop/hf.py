@@ -46,6 +46,13 @@ def llama_config_from_hf(hc: dict[str, Any], origin: str) -> ModelConfig:
     )
 
 
+LLAMA_ATTN = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+              "attn.qkv": "self_attn.q_proj self_attn.k_proj self_attn.v_proj", "attn.proj": "self_attn.o_proj"}
+# slmkit block tensor → its transformers Llama name(s) in layer i: a fused slmkit tensor (q/k/v, gate/up) is the
+# concatenation of these along its rows, in this order (the importer here, the exporter in hf_export.py)
+LLAMA_LAYER = {**LLAMA_ATTN, "mlp.fc": "mlp.gate_proj mlp.up_proj", "mlp.proj": "mlp.down_proj"}
+
+
 def llama_state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, origin: str) -> dict[str, torch.Tensor]:
     """transformers LlamaForCausalLM weight names → slmkit's (fusing q/k/v and gate/up), as fp32."""
 
@@ -58,13 +65,8 @@ def llama_state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, orig
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = get("lm_head.weight")
     for i in range(cfg.n_layer):
-        p, q = f"model.layers.{i}.", f"blocks.{i}."
-        out[q + "norm1.weight"] = get(p + "input_layernorm.weight")
-        out[q + "norm2.weight"] = get(p + "post_attention_layernorm.weight")
-        out[q + "attn.qkv.weight"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
-        out[q + "attn.proj.weight"] = get(p + "self_attn.o_proj.weight")
-        out[q + "mlp.fc.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-        out[q + "mlp.proj.weight"] = get(p + "mlp.down_proj.weight")
+        for ours, theirs in LLAMA_LAYER.items():
+            out[f"blocks.{i}.{ours}.weight"] = torch.cat([get(f"model.layers.{i}.{n}.weight") for n in theirs.split()])
     return out
 
 
