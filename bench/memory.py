@@ -21,7 +21,7 @@ from bench.common import CACHE
 from bench.decode import PROMPT, smollm2
 
 CHILD = """
-import json, resource, sys
+import json, sys
 argv = json.loads(sys.argv[1])
 import torch
 from slmkit import cli
@@ -32,7 +32,8 @@ if argv:
         code = cli.main(argv)
         sys.stdout = stdout
     assert code in (0, None), code
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from a large parent starts at the parent's size
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """
 
 

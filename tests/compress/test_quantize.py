@@ -94,9 +94,10 @@ def test_quantized_logits_stay_close(dtype, tol, T, kw):
         assert err.max() < tol
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     # what quantization changes is the weights alone: the packed model computes its own dequantized weights' function
-    # (within the activation rounding the int8 kernel may apply)
+    # (within the activation rounding the kernel may apply: int8 blocks, or bf16 with AVX-512 BF16's vdpbf16ps)
     err = ((got - exact).norm(dim=-1) / exact.norm(dim=-1)).flatten()
-    assert err.quantile(0.9) < (0.01 if dtype == "int8" else 1e-5)
+    rounds_acts = dtype == "int8" or (kernels.available() and "bf16" in kernels.features())
+    assert err.quantile(0.9) < (0.01 if rounds_acts else 1e-5)
 
 
 def test_int8_round_trip_error_is_bounded_by_half_a_step():

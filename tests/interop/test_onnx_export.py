@@ -53,7 +53,8 @@ def ids_of(n: int, seed: int = 1) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+# the GPT-2 export (with external data) in the slow lane: each torch.export costs seconds, and the quick lane keeps one
+@pytest.fixture(scope="module", params=["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def exported(request, tok, tmp_path_factory):
     model = tiny(tok, **(LLAMA if request.param == "llama" else GPT2))
     with pytest.MonkeyPatch.context() as mp:
