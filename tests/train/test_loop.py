@@ -307,4 +307,6 @@ def test_log_records_mean_micro_batch_loss_grad_norm_and_train_only_tokens_per_s
     assert rec["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)  # was the last micro-batch's
     assert rec["grad_norm"] > 0
     # the first log window holds the step-0 evaluation of the whole split; tokens/s must not count it
-    assert rec["tok_per_s"] == pytest.approx(rec["tokens"] / rec["time"], rel=0.05)
+    # (time is logged to the millisecond, which alone moves tokens/time by ~7 % for this few-ms step)
+    lo, hi = rec["tokens"] / (rec["time"] + 5e-4), rec["tokens"] / (rec["time"] - 5e-4)
+    assert 0.99 * lo <= rec["tok_per_s"] <= 1.01 * hi
