@@ -87,9 +87,9 @@ class KVCache:
         if kv not in KV_DTYPES:
             raise SlmError(f"kv cache {kv!r} is not one of {', '.join(KV_DTYPES)}")
         if kv != "fp32" and cfg.attention == "lsh":
-            # measured: int8 rows moved enough keys across buckets to change the logits by ~10 % (fp32: ~1e-6)
+            # rounding moves keys across buckets: a large logit change, not a small one (docs/benchmarks.md)
             raise SlmError("LSH attention hashes the cached keys into buckets, and a rounded cache moves keys "
-                             "across buckets: use kv='fp32'")
+                           "across buckets: use kv='fp32'")
         # empty rather than absent: code that copies or slices caches layer by layer works unchanged
         kv_len = 0 if cfg.attention in STATE_ONLY_KINDS else max_len
         shape = (batch_size, cfg.n_kv_head, kv_len, cfg.head_dim)

@@ -480,7 +480,7 @@ static inline float kv_at(int kind, const void* c, size_t i) {
 
 /* q . (cache row at element offset off) over one head, the row's scale not applied. Written out with SIMD because C's
    strict float order keeps the compiler from vectorizing a reduction: the scalar loop is a chain of dependent adds,
-   and with it decoding SmolLM2-135M (int8) slowed from ~208 to ~144 tok/s between an 8- and a 256-token context. */
+   and with it decoding slowed markedly as the context grew (docs/benchmarks.md, 2026-12-01, attention vectorized). */
 static inline __attribute__((always_inline)) float dot_kv(const float* a, int kind, const void* c, size_t off, int n) {
   float s = 0.f;
   int i = 0;
