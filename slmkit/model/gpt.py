@@ -107,6 +107,19 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def slot(self, b: int) -> KVCache:
+        """Sequence `b` of this batch cache as a batch-1 cache over the same storage: what it stores lands in row b
+        of these buffers (so a batched decode step sees it), with its own position and recurrent state. A server
+        keeps one per running request and prefills through it (slmkit.serve)."""
+        if not 0 <= b < self.k[0].size(0):
+            raise IndexError(f"slot {b} is outside the cache's {self.k[0].size(0)} sequences")
+        view = object.__new__(KVCache)
+        view.kv, view.dtype, view.max_len, view.pos = self.kv, self.dtype, self.max_len, 0
+        view.k, view.v = [t[b : b + 1] for t in self.k], [t[b : b + 1] for t in self.v]
+        view.k_scale, view.v_scale = [t[b : b + 1] for t in self.k_scale], [t[b : b + 1] for t in self.v_scale]
+        view.state = [None] * len(self.k)
+        return view
+
     def nbytes(self) -> int:
         """Bytes held: key/value buffers and their scales, plus any recurrent state."""
         tensors = [*self.k, *self.v, *self.k_scale, *self.v_scale,

@@ -126,3 +126,28 @@ def test_logits_match_transformers(style, to_hf):
         ours, _ = m(x)
         ref = hf(input_ids=x).logits
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv", ["fp32", "int8"])
+@pytest.mark.parametrize("attention", ["full", "linear"])
+def test_cache_slots_are_independent_sequences_over_shared_storage(kv, attention):
+    if attention == "linear" and kv != "fp32":
+        pytest.skip("linear attention keeps no keys/values to round")
+    m = tiny("llama", attention=attention)
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 7))
+    cache = m.new_cache(3, kv=kv)
+    s2, s0 = cache.slot(2), cache.slot(0)
+    # interleaved, at different lengths: each slot sees only its own sequence
+    got_b = [m(b[:, :4], cache=s0)[0]]
+    got_a = [m(a[:, :9], cache=s2)[0]]
+    got_b.append(m(b[:, 4:], cache=s0)[0])
+    got_a += [m(a[:, t : t + 1], cache=s2)[0] for t in range(9, 12)]
+    for x, parts in ((a, got_a), (b, got_b)):
+        ref = m.new_cache(1, kv=kv)
+        want = torch.cat([m(x[:, :-3], cache=ref)[0], m(x[:, -3:], cache=ref)[0]], dim=1)
+        torch.testing.assert_close(torch.cat(parts, dim=1), want, atol=1e-5, rtol=1e-4)
+    if attention == "full":  # what the slots stored is in the batch cache's own rows; slot 1 untouched
+        assert cache.k[0][2, :, :12].abs().sum() > 0 and cache.k[0][0, :, :7].abs().sum() > 0
+        assert cache.k[0][1].abs().sum() == 0
+    with pytest.raises(IndexError):
+        cache.slot(3)
