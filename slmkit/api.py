@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from slmkit.run import kind_of, read_meta
 from slmkit.runtime import set_threads
 from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import Tokenizer
+from slmkit.tokenizer.stream import TextStream
 
 
 class LLM:
@@ -115,26 +115,17 @@ class LLM:
             ids = tok.encode(text, bos=tok.add_bos, specials=True)
         else:
             ids = tok.encode(prompt, bos=tok.add_bos) or [tok.bos_id]  # at least one token to condition on
-        # bytes → text incrementally, so a multi-byte character split across tokens is never printed half-way
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        hold = max((len(s) for s in stop), default=1) - 1  # text that might still become a stop string
-        text, emitted = "", 0
+        text = TextStream(tok, stop)  # whole characters only; nothing that may become a stop string
         # stop ids: EOS and end-of-turn tokens; for slmkit's own tokenizers also BOS, which starts a new document
         for nxt in self.lm.generate(ids, params, stop_ids=tuple(tok.stop_ids)):
             if nxt in tok.stop_ids or nxt == tok.pad_id:
                 break
-            text += utf8.decode(tok.token_bytes(nxt))
-            cut = min((i for s in stop if (i := text.find(s, max(0, emitted - len(s)))) >= 0), default=-1)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
+            if piece := text.push(nxt):
+                yield piece
+            if text.stopped:
                 return
-            if len(text) - hold > emitted:
-                yield text[emitted : len(text) - hold]
-                emitted = len(text) - hold
-        text += utf8.decode(b"", final=True)
-        if len(text) > emitted:
-            yield text[emitted:]
+        if piece := text.flush():
+            yield piece
 
     def generate(self, prompt: str, **kwargs: Any) -> str:
         """The continuation of `prompt` as one string (same arguments as `stream`)."""

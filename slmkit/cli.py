@@ -27,6 +27,7 @@ examples:
   slm eval runs/smollm2 --lm shakespeare:val --task mmlu --limit 20   # bpb + MMLU → runs/smollm2/eval.json
   slm compare runs/shk-small runs/smollm2 --out reports/mine   # side by side: bpb, size, speed, Pareto plots
   slm quantize runs/shk-small --weights int4 --group 32 --out runs/shk-int4   # a packed 4-bit checkpoint
+  slm serve runs/smollm2 --weights int8            # OpenAI-compatible API + chat page on http://127.0.0.1:8000
 """
 
 MORE_EXAMPLES = """\
@@ -228,6 +229,14 @@ def cmd_export(a: argparse.Namespace) -> None:
     info = read_meta(out)["export"]
     print(f"exported {a.run} as {a.format} ({info.get('architecture') or info.get('arch') or ''}, "
           f"{info['bytes'] / 1e6:.1f} MB: {', '.join(info['files'][:4])}) → {out}")
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from slmkit.serve import serve
+
+    serve(a.run, host=a.host, port=a.port, weights=a.weights, kv_cache=a.kv_cache, api_key=a.api_key,
+          max_batch=a.max_batch, ctx=a.ctx, threads=a.threads, max_queue=a.max_queue, max_tokens=a.max_tokens,
+          timeout=a.timeout, max_body=a.max_body, model_name=a.model_name, log_level=a.log_level)
 
 
 def cmd_import(a: argparse.Namespace) -> None:
@@ -449,6 +458,37 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--quant", choices=["q8_0", "q4_0", "q4_k_m"],
                     help="gguf only: llama.cpp quantization of the matrices (an int4 group-32 model is already Q4_0)")
     ex.add_argument("--overwrite", action="store_true", help="replace an --out that slmkit wrote")
+
+    sv = add("serve", cmd_serve, "serve a model over OpenAI's HTTP API (continuous batching) with a web chat page")
+    sv.description = (
+        "Serve a run over OpenAI's HTTP API: GET /v1/models, POST /v1/chat/completions and /v1/completions\n"
+        "(streamed as server-sent events with \"stream\": true), GET /health, and a chat page at /.\n"
+        "Requests join and leave one running batch between decode steps (--max-batch at once, the rest queue);\n"
+        "each slot holds --ctx tokens of prompt + completion. Speeds: docs/benchmarks.md.\n\n"
+        "  slm serve runs/smollm2 --weights int8 --max-batch 8      # then open http://127.0.0.1:8000/\n"
+        "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'")
+    sv.add_argument("run", help="run directory (latest checkpoint), checkpoint, imported or quantized model")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    sv.add_argument("--weights", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
+                    help="quantize the linear layers in memory first: fewer bytes per step, faster decoding")
+    sv.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], default="fp32",
+                    help="how the KV cache stores keys/values: narrower holds more slots in the same memory")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--ctx", type=int, help="tokens per request, prompt + completion (default: the model's context)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a slot before new ones get HTTP 429 (default 64)")
+    sv.add_argument("--max-tokens", type=int, default=4096,
+                    help="cap on a request's max_tokens; larger asks get HTTP 400 (default 4096)")
+    sv.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds a request may take; it then ends with finish_reason 'length' (default 600)")
+    sv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SLM_API_KEY)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    sv.add_argument("--threads", type=int, help="CPU threads for decoding (default: all cores)")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     ev = add("eval", cmd_eval, "measure a run: bits per byte on held-out text, multiple-choice tasks, efficiency")
     ev.add_argument("run", help="run directory (latest checkpoint), checkpoint directory or n-gram run")

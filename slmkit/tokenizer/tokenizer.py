@@ -232,22 +232,31 @@ class Tokenizer:
         if self.config is not None:
             write_bytes(path.with_name(CONFIG_FILE), (json.dumps(self.config, indent=2) + "\n").encode())
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat `messages` ([{"role": ..., "content": ...}]) with the tokenizer's Jinja chat template, as
-        transformers does; encode the result with `specials=True`.
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            template: str | None = None) -> str:
+        """Render chat `messages` ([{"role": ..., "content": ...}]) with the tokenizer's Jinja chat template (or
+        `template`, e.g. the server's plain template for a model without one), as transformers does; encode the
+        result with `specials=True`.
 
         >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])
         '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
         """
-        if not self.chat_template:
+        template = template or self.chat_template
+        if not template:
             raise SlmError("this tokenizer has no chat template (only imported chat models carry one)")
         import jinja2.sandbox  # a template comes from a model file: render it sandboxed
 
+        def raise_exception(message: str) -> None:  # what HF templates call to refuse a conversation
+            raise jinja2.TemplateError(message)
+
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
         cfg = self.config or {}
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=cfg.get("bos_token", ""), eos_token=cfg.get("eos_token", ""))
+        try:
+            return env.from_string(template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
+                bos_token=cfg.get("bos_token", ""), eos_token=cfg.get("eos_token", ""))
+        except jinja2.TemplateError as e:
+            raise SlmError(f"the chat template refused these messages: {e}") from None
 
     def encode(self, text: str, bos: bool = False, specials: bool = False) -> list[int]:
         """Token ids of `text`; no specials unless `bos=True` (then `bos_id` comes first) or `specials=True` (special

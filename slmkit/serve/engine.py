@@ -1,0 +1,327 @@
+"""Continuous batching: many requests decoded together, joining and leaving the batch between decode steps.
+
+One scheduler thread owns the model. Each transformer request gets a *slot*: one sequence of a batch KV cache
+(`KVCache.slot`). A step of the loop
+1. admits waiting requests into free slots (a bounded queue in front: `submit` raises `QueueFull` past it);
+2. prefills at most `prefill_chunk` prompt tokens, across the requests still prefilling — a long prompt is split
+   over several steps, so the streams already running wait for one chunk at a time, not for the whole prompt;
+3. advances every decoding request by one token in one call: the fused C step for a batch
+   (slmkit.infer.fused.BatchDecoder), which reads each weight once for all of them — decoding a small model is
+   bound by the bytes of weights read per step, so a batch of n costs little more than one sequence. Models the C
+   step does not cover decode slot by slot through the PyTorch forward.
+A request leaves its slot the moment it finishes: a stop token, a stop string, `max_tokens`, a full context, its
+deadline, or `cancel` (a client that went away); the next waiting request takes the slot in the same step.
+
+Models other than transformers (the n-gram baseline) have no KV cache to share: their requests advance one token per
+step each through their own `generate` iterator — the same scheduling, without the shared weight reads.
+
+Events reach the request's `sink` from the scheduler thread, in order: `Token` per generated token (its text piece
+may be "" while held back), then one `Done`. The HTTP layer (slmkit.serve.app) turns them into responses.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from slmkit.api import LLM
+from slmkit.errors import SlmError
+from slmkit.infer.fused import BatchDecoder
+from slmkit.model.gpt import GPT, KVCache
+from slmkit.sampling import SamplingParams, sample_next
+from slmkit.tokenizer.stream import TextStream
+
+log = logging.getLogger("slmkit.serve")
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is at its bound: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Token:
+    id: int
+    text: str  # the text this token made final: "" while a character or a possible stop string is incomplete
+    logprob: float | None = None  # log-probability of the token under the model (temperature 1), if asked
+    top: list[tuple[int, float]] | None = None  # the most likely tokens at this step and their log-probabilities
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" (stop token or string), "length" (max_tokens, context full, deadline) or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # the last text, held back until the end (a possible stop string's start, a partial character)
+    error: str | None = None  # with finish_reason "error": what went wrong (e.g. the deadline passed in the queue)
+
+
+Event = Token | Done
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt ids, sampling, stop strings; events go to `sink` (called from the scheduler thread)."""
+
+    ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
+    deadline: float | None = None  # time.monotonic() after which the request ends (finish_reason "length")
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling (OpenAI's logit_bias)
+    cancelled: bool = False
+    # scheduler state
+    slot: int = -1
+    cache: KVCache | None = None
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: TextStream | None = None
+    gen: torch.Generator | None = None
+    it: Iterator[int] | None = None  # models without a KV cache: their own generate iterator
+
+
+class Engine:
+    """The scheduler around one loaded model (`LLM`). `start()` runs it in a daemon thread; `submit(request)` queues a
+    request (thread-safe); `cancel(request)` drops it at the next step; `stop()` ends the thread.
+
+    max_batch: requests decoded together (slots of the KV cache). max_len: tokens per slot, prompt and output
+    (default: the model's context). max_queue: requests waiting for a slot before `submit` raises QueueFull.
+    prefill_chunk: prompt tokens prefilled per step, the most a running stream waits for a newcomer per step.
+    kv: the KV cache's storage, "fp32", "bf16" or "int8" (slmkit.model.gpt.KVCache).
+    """
+
+    def __init__(self, llm: LLM, *, max_batch: int = 8, max_len: int | None = None, max_queue: int = 64,
+                 prefill_chunk: int = 256, kv: str = "fp32"):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if value < 1:
+                raise SlmError(f"{name}={value} must be >= 1")
+        self.llm, self.tokenizer = llm, llm.tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        model = llm.model
+        self.model: GPT | None = model if isinstance(model, GPT) else None
+        ctx = llm.lm.context_length
+        if max_len is not None and max_len < 2:
+            raise SlmError(f"max_len={max_len} must be >= 2 (a prompt token and one generated)")
+        self.max_len: int | None = min(max_len or ctx, ctx) if ctx is not None else max_len
+        self.cache: KVCache | None = None
+        self.batch: BatchDecoder | None = None
+        if self.model is not None:
+            assert self.max_len is not None  # a transformer has a context length
+            self.model.eval()
+            self.cache = self.model.new_cache(max_batch, self.max_len, kv=kv)
+            self.batch = BatchDecoder.for_model(self.model, self.cache)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._free = list(range(max_batch))[::-1]
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._seed = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
+        self.steps = 0  # decode steps run (for /health and tests)
+
+    # --- the caller's side (any thread) ---------------------------------------------------------------------------
+
+    @property
+    def supports_logprobs(self) -> bool:
+        return self.model is not None
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes() if self.cache is not None else 0
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="slmkit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, req: Request) -> None:
+        """Queue `req`. SlmError for a request that cannot run (empty prompt, a prompt that fills the context, ids
+        outside the vocabulary); QueueFull when the queue is at its bound."""
+        if not req.ids:
+            raise SlmError("the prompt is empty")
+        if max(req.ids) >= self.llm.lm.vocab_size or min(req.ids) < 0:
+            raise SlmError(f"the prompt holds token ids outside the model's vocabulary of {self.llm.lm.vocab_size}")
+        if self.max_len is not None and len(req.ids) >= self.max_len:
+            raise SlmError(f"the prompt is {len(req.ids)} tokens; this server's context holds {self.max_len} "
+                           "(prompt and completion together): shorten it")
+        if req.logit_bias and (max(req.logit_bias) >= self.llm.lm.vocab_size or min(req.logit_bias) < 0):
+            raise SlmError(f"logit_bias names token ids outside the model's vocabulary of {self.llm.lm.vocab_size}")
+        if req.logit_bias and self.model is None:
+            raise SlmError("logit_bias is not available for this model")
+        if req.top_logprobs is not None and not self.supports_logprobs:
+            raise SlmError("log-probabilities are not available for this model")
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting for a slot: retry later")
+            self._waiting.append(req)
+            self._cv.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Drop `req` at the next step (its slot is freed then); no further events are sent."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def load(self) -> dict[str, int]:
+        with self._cv:
+            return {"running": len(self._running), "waiting": len(self._waiting), "slots": self.max_batch}
+
+    # --- the scheduler thread ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as e:  # a bug must not take the server down: fail the requests in flight, go on
+                    log.exception("engine step failed")
+                    for req in list(self._running):
+                        self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._waiting and (self._free or self._waiting[0].cancelled):
+            req = self._waiting.popleft()
+            if req.cancelled:
+                continue
+            if req.deadline is not None and now > req.deadline:
+                self._send(req, Done("error", len(req.ids), 0, error="timed out waiting for a free slot"))
+                continue
+            req.slot = self._free.pop()
+            req.text = TextStream(self.tokenizer, req.stop)
+            seed = req.params.seed
+            req.gen = torch.Generator().manual_seed(
+                seed if seed is not None else int(torch.randint(2**31, (1,), generator=self._seed)))
+            if self.cache is not None:
+                req.cache = self.cache.slot(req.slot)
+            else:
+                req.it = self.llm.lm.generate(req.ids, req.params, stop_ids=tuple(self.tokenizer.stop_ids))
+            self._running.append(req)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for req in list(self._running):
+            if req.cancelled:
+                self._release(req)
+            elif req.deadline is not None and now > req.deadline:
+                self._finish(req, "length")
+        if self.model is None:
+            for req in list(self._running):
+                assert req.it is not None
+                nxt = next(req.it, None)
+                if nxt is None:  # the model's own generate ended: max_new_tokens
+                    self._finish(req, "length")
+                else:
+                    self._emit(req, nxt, None)
+            return
+        self._prefill()
+        decoding = [r for r in self._running if r.prefilled == len(r.ids)]
+        if decoding:
+            self._decode(decoding)
+
+    def _prefill(self) -> None:
+        """Up to prefill_chunk prompt tokens, oldest request first; a request whose prompt completes samples its
+        first token from the prompt's last logits."""
+        assert self.model is not None
+        budget = self.prefill_chunk
+        for req in [r for r in self._running if r.prefilled < len(r.ids)]:
+            if budget <= 0:
+                break
+            chunk = req.ids[req.prefilled : req.prefilled + budget]
+            logits = self.model(torch.tensor([chunk]), cache=req.cache, last_only=True)[0][0, -1]
+            req.prefilled += len(chunk)
+            budget -= len(chunk)
+            if req.prefilled == len(req.ids):
+                self._emit(req, *self._sample(req, logits))
+
+    def _decode(self, reqs: list[Request]) -> None:
+        assert self.model is not None
+        rows: list[torch.Tensor]
+        if self.batch is not None:
+            logits = self.batch([r.generated[-1] for r in reqs], [r.slot for r in reqs],
+                                [r.cache.pos for r in reqs])  # type: ignore[union-attr]
+            rows = list(logits)
+            for r in reqs:
+                r.cache.pos += 1  # type: ignore[union-attr]
+        else:  # outside what the C step covers: one PyTorch forward per sequence
+            rows = [self.model(torch.tensor([[r.generated[-1]]]), cache=r.cache, last_only=True)[0][0, -1]
+                    for r in reqs]
+        self.steps += 1
+        for r, row in zip(reqs, rows, strict=True):
+            self._emit(r, *self._sample(r, row))
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """The next token, and the log-probabilities it was drawn from if the request asks for them (the model's
+        distribution, before temperature and filters, as OpenAI reports them)."""
+        p = req.params
+        history = torch.tensor(req.ids + req.generated) if p.repetition_penalty != 1.0 else torch.empty(0)
+        logp = torch.log_softmax(logits.float(), -1) if req.top_logprobs is not None else None
+        logits = logits.float().clone()
+        if req.logit_bias:
+            logits[list(req.logit_bias)] += torch.tensor(list(req.logit_bias.values()))
+        return sample_next(logits, history, p, req.gen), logp
+
+    def _emit(self, req: Request, nxt: int, logp: torch.Tensor | None = None) -> None:
+        """Send token `nxt` of `req` and finish the request if it ends here."""
+        req.generated.append(nxt)
+        tok = self.tokenizer
+        logprob = top = None
+        if logp is not None:
+            logprob = float(logp[nxt])
+            if req.top_logprobs:
+                v, i = logp.topk(req.top_logprobs)
+                top = list(zip(i.tolist(), v.tolist(), strict=True))
+        assert req.text is not None
+        if nxt in tok.stop_ids or nxt == tok.pad_id:
+            self._send(req, Token(nxt, "", logprob, top))
+            self._finish(req, "stop")
+            return
+        self._send(req, Token(nxt, req.text.push(nxt), logprob, top))
+        if req.text.stopped:
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.params.max_new_tokens:
+            self._finish(req, "length")
+        elif req.cache is not None and req.cache.pos >= req.cache.max_len:
+            self._finish(req, "length")  # the slot is full: nowhere to store the next token's keys and values
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        rest = req.text.flush() if req.text is not None and reason != "error" else ""
+        self._send(req, Done(reason, len(req.ids), len(req.generated), rest, error))
+        self._release(req)
+
+    def _send(self, req: Request, event: Event) -> None:
+        if req.cancelled:
+            return
+        try:
+            req.sink(event)
+        except Exception:  # the receiver is gone (its event loop closed): nobody is waiting for this request
+            log.exception("dropping a request whose receiver failed")
+            req.cancelled = True
+
+    def _release(self, req: Request) -> None:
+        if req in self._running:
+            self._running.remove(req)
+            with self._cv:
+                self._free.append(req.slot)
+        req.cache = req.it = None
