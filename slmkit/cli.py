@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-cache", choices=["fp32", "bf16", "int8"], default="fp32",
                     help="how the KV cache stores keys/values: narrower holds more slots in the same memory")
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
-    sv.add_argument("--ctx", type=int, help="tokens per request, prompt + completion (default: the model's context)")
+    sv.add_argument("--ctx", type=int,
+                    help="tokens per request, prompt + completion (default: the model's context, at most 2048)")
     sv.add_argument("--max-queue", type=int, default=64,
                     help="requests waiting for a slot before new ones get HTTP 429 (default 64)")
     sv.add_argument("--max-tokens", type=int, default=4096,

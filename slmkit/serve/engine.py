@@ -38,6 +38,9 @@ from slmkit.sampling import SamplingParams, sample_next
 from slmkit.tokenizer.stream import TextStream
 
 log = logging.getLogger("slmkit.serve")
+# tokens per slot unless asked: every slot's cache is allocated up front, and an 8k-context model's full one per slot
+# would cost more memory than the model's weights
+DEFAULT_MAX_LEN = 2048
 
 
 class QueueFull(Exception):
@@ -91,7 +94,8 @@ class Engine:
     request (thread-safe); `cancel(request)` drops it at the next step; `stop()` ends the thread.
 
     max_batch: requests decoded together (slots of the KV cache). max_len: tokens per slot, prompt and output
-    (default: the model's context). max_queue: requests waiting for a slot before `submit` raises QueueFull.
+    (default: the model's context, at most DEFAULT_MAX_LEN). max_queue: requests waiting for a slot before `submit`
+    raises QueueFull.
     prefill_chunk: prompt tokens prefilled per step, the most a running stream waits for a newcomer per step.
     kv: the KV cache's storage, "fp32", "bf16" or "int8" (slmkit.model.gpt.KVCache).
     """
@@ -108,7 +112,9 @@ class Engine:
         ctx = llm.lm.context_length
         if max_len is not None and max_len < 2:
             raise SlmError(f"max_len={max_len} must be >= 2 (a prompt token and one generated)")
-        self.max_len: int | None = min(max_len or ctx, ctx) if ctx is not None else max_len
+        if max_len is not None and ctx is not None and max_len > ctx:
+            raise SlmError(f"max_len={max_len} is longer than the model's context of {ctx} tokens")
+        self.max_len: int | None = min(max_len or DEFAULT_MAX_LEN, ctx) if ctx is not None else max_len
         self.cache: KVCache | None = None
         self.batch: BatchDecoder | None = None
         if self.model is not None:
@@ -175,6 +181,8 @@ class Engine:
         """Drop `req` at the next step (its slot is freed then); no further events are sent."""
         req.cancelled = True
         with self._cv:
+            if req in self._waiting:  # never admitted: leaves the queue now
+                self._waiting.remove(req)
             self._cv.notify()
 
     def load(self) -> dict[str, int]:
@@ -302,8 +310,8 @@ class Engine:
             self._finish(req, "stop")
         elif len(req.generated) >= req.params.max_new_tokens:
             self._finish(req, "length")
-        elif req.cache is not None and req.cache.pos >= req.cache.max_len:
-            self._finish(req, "length")  # the slot is full: nowhere to store the next token's keys and values
+        elif self.max_len is not None and len(req.ids) + len(req.generated) >= self.max_len:
+            self._finish(req, "length")  # prompt + completion fill the slot's context
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         rest = req.text.flush() if req.text is not None and reason != "error" else ""

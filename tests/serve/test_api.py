@@ -288,3 +288,22 @@ def test_sse_wire_format(url):
     events = [e for e in r.text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_an_ngram_model_is_served_too():
+    """No KV cache to share: each request advances through the model's own generate, one token per step."""
+    import numpy as np
+
+    from slmkit import LLM
+    from slmkit.model.ngram import NgramLM
+
+    tok = tiny_llm().tokenizer
+    text = " ".join(["the king is dead long live the king"] * 50)
+    ids = np.array([tok.bos_id, *tok.encode(text)], dtype=np.int64)
+    llm = LLM(NgramLM.fit(ids, vocab_size=tok.vocab_size, bos_id=tok.bos_id, order=3), tok)
+    with running(llm, max_batch=2) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model=MODEL, prompt="the king", max_tokens=8, temperature=0)
+        assert r.choices[0].text == llm.generate("the king", temperature=0, max_new_tokens=8)
+        with pytest.raises(openai.BadRequestError):  # no logits to report
+            client.completions.create(model=MODEL, prompt="the king", max_tokens=2, logprobs=1)
