@@ -18,6 +18,7 @@ from slmkit.compress.quantize import WeightDtype, quantize
 from slmkit.compress.stage import load_quantized
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
+from slmkit.finetune.model import load_finetuned
 from slmkit.infer.neural import NeuralLM
 from slmkit.interop.export import export_model
 from slmkit.model.ngram import NgramLM
@@ -46,7 +47,8 @@ class LLM:
     @classmethod
     def load(cls, path: str | Path, *, threads: int | None = None, weights: WeightDtype = "fp32",
              kv_cache: str = "fp32") -> LLM:
-        """Load a checkpoint directory, a run directory (its latest checkpoint) or an n-gram run.
+        """Load a checkpoint directory, a run directory (its latest checkpoint), an n-gram run or a fine-tuned run
+        (`slm finetune`; one that kept only its LoRA adapter is loaded as its base + the adapter, merged).
 
         weights: "int8", "int4" (group 32) or "bf16" quantize the linear layers in memory after loading
         (slmkit.compress.quantize): fewer bytes read per generated token, so faster decoding (docs/benchmarks.md). A
@@ -62,6 +64,11 @@ class LLM:
             if kv_cache != "fp32":
                 raise SlmError(f"{path} is an n-gram model: it has no KV cache; drop --kv-cache")
             return cls(NgramLM.load(path), Tokenizer.load(path / "tokenizer.json"), read_meta(path), path)
+        if kind_of(path) == "finetune":  # slm finetune wrote it: full weights, or an adapter merged into its base
+            model, tok, meta = load_finetuned(path)
+            lm = NeuralLM(model, meta.get("model_class"), kv_cache=kv_cache)
+            quantize(lm.module, weights)
+            return cls(lm, tok, meta, path)
         ckpt_dir = checkpoint.resolve(path)
         if kind_of(ckpt_dir) == "quantize":  # slm quantize wrote it: packed weights, installed without an fp32 copy
             meta = read_meta(ckpt_dir)

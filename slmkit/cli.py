@@ -28,6 +28,9 @@ examples:
   slm compare runs/shk-small runs/smollm2 --out reports/mine   # side by side: bpb, size, speed, Pareto plots
   slm quantize runs/shk-small --weights int4 --group 32 --out runs/shk-int4   # a packed 4-bit checkpoint
   slm serve runs/smollm2 --weights int8            # OpenAI-compatible API + chat page on http://127.0.0.1:8000
+  slm finetune runs/smollm2 --data shakespeare --method lora --max-time 10m --out runs/smollm2-shk   # adapt to a domain
+  slm finetune runs/smollm2 --data bbc-news --task classify --max-steps 300 --out runs/bbc-clf
+  slm classify runs/bbc-clf "Shares fell sharply in early trading."   # label + probabilities
 """
 
 MORE_EXAMPLES = """\
@@ -45,6 +48,11 @@ MORE_EXAMPLES = """\
   slm quantize runs/shk-small --weights int4 --method gptq --out runs/shk-gptq   # calibrated on its training data
   slm quantize runs/smollm2 --weights int8 --out runs/smollm2-int8
   slm eval runs/shk-int4 --kl-to parent   # bpb and KL divergence from the model it was quantized from
+  slm finetune runs/smollm2 --data chats.jsonl --task chat --lora-rank 16 --max-steps 500 --out runs/smollm2-chat
+  slm finetune runs/shk-small --data bbc-news --task classify --method frozen --max-steps 200 --out runs/shk-clf
+  slm finetune runs/smollm2 --data runs/data/notes --method full --grad-checkpoint --max-time 30m --out runs/sm-notes
+  slm finetune runs/smollm2 --data shakespeare --adapter-only --base-weights int8 --max-time 10m --out runs/sm-lora
+  slm finetune --resume runs/smollm2-shk --max-time 20m   # continue with a longer budget
 """
 
 
@@ -98,18 +106,25 @@ def _configs(a: argparse.Namespace) -> tuple[Any, Any]:
     model = ModelConfig.load(a.model_config) if a.model_config else ModelConfig.preset(a.preset or DEFAULT_PRESET)
     train = TrainConfig.load(a.train_config) if a.train_config else TrainConfig()
     flags = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k, None) is not None}
-    model_sets, train_sets = [], []
-    model_fields, train_fields = ModelConfig().to_dict(), TrainConfig().to_dict()
-    for pair in a.set or []:
-        key = pair.partition("=")[0].strip()
-        if key not in model_fields and key not in train_fields:
-            near = difflib.get_close_matches(key, [*model_fields, *train_fields], n=3)
-            raise SlmError(f"--set {pair}: no ModelConfig or TrainConfig field {key!r}"
-                           + (f"; did you mean {', '.join(near)}?" if near else "; `slm presets` lists the models"))
-        (model_sets if key in model_fields else train_sets).append(pair)
+    model_sets, train_sets = _split_sets(a.set, ModelConfig, TrainConfig, "; `slm presets` lists the models")
     model = model.replace(**coerce_overrides(ModelConfig, model_sets))
     train = train.replace(**flags, **coerce_overrides(TrainConfig, train_sets))
     return model, train
+
+
+def _split_sets(pairs: list[str] | None, first: Any, second: Any, hint: str = "") -> tuple[list[str], list[str]]:
+    """`--set field=value` pairs sorted to the config class that has the field (`first` wins a name both have); an
+    unknown field is a one-line error with the nearest names."""
+    fields1, fields2 = first().to_dict(), second().to_dict()
+    out: tuple[list[str], list[str]] = ([], [])
+    for pair in pairs or []:
+        key = pair.partition("=")[0].strip()
+        if key not in fields1 and key not in fields2:
+            near = difflib.get_close_matches(key, [*fields1, *fields2], n=3)
+            raise SlmError(f"--set {pair}: no {first.__name__} or {second.__name__} field {key!r}"
+                           + (f"; did you mean {', '.join(near)}?" if near else hint))
+        out[0 if key in fields1 else 1].append(pair)
+    return out
 
 
 DEFAULT_PRESET = "llama-3m"
@@ -218,6 +233,64 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     group = f" group {q['group']}" if q["group"] else ""
     print(f"quantized {a.run} to {q['weights']}{group} ({q['method']}) in {meta['quantize_time']:.1f}s: "
           f"{bits_text(meta['storage'])}; model.safetensors {size / 1e6:.1f} MB → {out}")
+
+
+def _finetune_configs(a: argparse.Namespace) -> tuple[Any, Any]:
+    from slmkit.config import TrainConfig, coerce_overrides
+    from slmkit.finetune import FinetuneConfig, default_train_config
+
+    ft_sets, train_sets = _split_sets(a.set, FinetuneConfig, TrainConfig)
+    flags = {k: getattr(a, k) for k in FINETUNE_FLAGS if getattr(a, k, None) is not None}
+    if a.lora_targets is not None:
+        flags["lora_targets"] = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
+    if a.adapter_only:
+        flags["merge"] = False
+    fc = FinetuneConfig.from_dict({**flags, **coerce_overrides(FinetuneConfig, ft_sets)})
+    train_flags = {k: getattr(a, k) for k in FINETUNE_TRAIN_FLAGS if getattr(a, k, None) is not None}
+    tc = default_train_config(fc.method).replace(**train_flags, **coerce_overrides(TrainConfig, train_sets))
+    return fc, tc
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from slmkit.config import TrainConfig
+    from slmkit.finetune import FinetuneConfig, finetune
+    from slmkit.run import read_meta
+
+    if a.resume:
+        # a resumed run keeps its base, data and recipe: only the budget, threads and patience may change
+        keep = (*TrainConfig.RESUMABLE, *FinetuneConfig.RESUMABLE)
+        fixed = [f"--{k.replace('_', '-')}" for k in ("run", "data", "out", "set", "overwrite", "adapter_only",
+                                                       "lora_targets", *FINETUNE_FLAGS, *FINETUNE_TRAIN_FLAGS)
+                 if getattr(a, k, None) not in (None, False) and k not in keep]
+        if fixed:
+            raise SlmError(f"--resume continues {a.resume} with its own base, data and recipe, so {', '.join(fixed)} "
+                           "cannot be given with it; only --max-time, --max-steps, --threads and --patience can change")
+        meta = read_meta(a.resume, kinds=("finetune",))
+        flags = {k: getattr(a, k) for k in TrainConfig.RESUMABLE if getattr(a, k, None) is not None}
+        tc = TrainConfig.from_dict(meta["train"]).replace(**flags) if flags else None
+        fc = FinetuneConfig.from_dict(meta["finetune"]).replace(patience=a.patience) if a.patience else None
+        result = finetune(None, None, a.resume, fc, tc, resume=True, progress=not a.quiet)
+    else:
+        if not a.run or not a.data or not a.out:
+            raise SlmError("slm finetune needs the model RUN, --data and --out (or --resume RUN)")
+        fc, tc = _finetune_configs(a)
+        result = finetune(a.run, a.data, a.out, fc, tc, overwrite=a.overwrite, progress=not a.quiet)
+    r = result
+    moved = ", ".join(f"{k} {r.before[k]:.4f} → {r.best[k]:.4f}" for k in r.best if k in r.before)
+    test = "; test " + ", ".join(f"{k} {v:.4f}" for k, v in r.test.items()) if r.test else ""
+    print(f"{r.status}: step {r.step}, {r.tokens:,} tokens in {r.train_time:.0f}s ({r.tokens_per_s:,.0f} tok/s) + "
+          f"{r.eval_time:.0f}s evaluation; val {moved} (kept: step {r.best_step}){test}; trained "
+          f"{r.trainable_params:,} of {r.total_params:,} params; peak RSS {r.peak_rss_mb:,.0f} MB → {r.run_dir}")
+
+
+def cmd_classify(a: argparse.Namespace) -> None:
+    from slmkit.finetune import Classifier
+
+    clf = Classifier.load(a.run, threads=a.threads)
+    texts = [unescape(t) for t in a.text]
+    for p in clf.predict(texts):
+        ranked = sorted(p.probs.items(), key=lambda kv: -kv[1])[: a.top]
+        print(f"{p.label}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in ranked))
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -339,6 +412,13 @@ TRAIN_FLAGS = {
 }
 
 
+# TrainConfig fields `slm finetune` takes as flags (the rest via --set); FinetuneConfig fields it takes as flags
+FINETUNE_TRAIN_FLAGS = ("max_steps", "max_time", "lr", "batch_size", "grad_accum", "schedule", "warmup_steps",
+                        "precision", "threads", "seed", "eval_interval", "ckpt_interval")
+FINETUNE_FLAGS = ("task", "method", "lora_rank", "lora_alpha", "lora_dropout", "base_weights", "seq_len", "patience",
+                  "val_fraction", "grad_checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slmkit.config import PRESETS
 
@@ -425,6 +505,46 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
     qz.add_argument("--out", required=True, help="checkpoint directory to create")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing --out that slmkit wrote")
+
+    ft = add("finetune", cmd_finetune,
+             "adapt a model to a corpus (lm), a labelled corpus (classify) or conversations (chat): full or LoRA")
+    ft.add_argument("run", nargs="?", help="the model to fine-tune: run, checkpoint, imported or fine-tuned model")
+    ft.add_argument("--data", help="lm: a corpus (shakespeare, bbc-news, a path) or a data directory prepared with the "
+                                   "model's tokenizer; classify: bbc-news, DIR/<label>/*.txt or JSONL text/label; "
+                                   "chat: JSONL with a messages list per line")
+    ft.add_argument("--out", help="run directory to create")
+    ft.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    ft.add_argument("--task", choices=["lm", "classify", "chat"], help="default lm (continued pretraining)")
+    ft.add_argument("--method", choices=["lora", "full", "frozen"],
+                    help="lora (default): low-rank adapters on a frozen base; full: every weight; frozen (classify): "
+                         "the head only")
+    ft.add_argument("--lora-rank", type=int, help="rank of the LoRA update (default 8)")
+    ft.add_argument("--lora-alpha", type=float, help="the update is scaled by alpha/rank (default 16)")
+    ft.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
+    ft.add_argument("--lora-targets", metavar="LIST",
+                    help="comma-separated modules: attn, mlp, attn.qkv, attn.proj, mlp.fc, mlp.proj (default attn,mlp)")
+    ft.add_argument("--adapter-only", action="store_true",
+                    help="write only what was trained (LoRA adapter, head) + the lineage to the base, not the merged "
+                         "model; the base must stay where it is")
+    ft.add_argument("--base-weights", choices=["fp32", "int8"],
+                    help="int8: LoRA/frozen over an int8 copy of the base (a quarter of the weight memory)")
+    ft.add_argument("--seq-len", type=int, help="tokens per training row (default 256; at most the model's context)")
+    ft.add_argument("--patience", type=int, help="stop after N evaluations without a better val loss (default 5)")
+    ft.add_argument("--val-fraction", type=float, help="share held out for early stopping (default 0.1)")
+    ft.add_argument("--grad-checkpoint", action="store_const", const=True,
+                    help="recompute activations in the backward pass: less memory, ~1/3 more compute")
+    for name in FINETUNE_TRAIN_FLAGS:
+        ft.add_argument("--" + name.replace("_", "-"), dest=name, **TRAIN_FLAGS[name])
+    ft.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="override any FinetuneConfig/TrainConfig field, e.g. --set head_lr=3e-3 --set test_fraction=0")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing --out that slmkit wrote")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cl = add("classify", cmd_classify, "label texts with a classifier written by slm finetune --task classify")
+    cl.add_argument("run", help="the classifier's run directory")
+    cl.add_argument("text", nargs="+", help="texts to label (\\n, \\t are read as escapes)")
+    cl.add_argument("--top", type=int, default=5, help="probabilities shown per text (default 5)")
+    cl.add_argument("--threads", type=int)
 
     imp_parser = sub.add_parser("import", help="turn a GGUF file or transformers checkpoint into an slmkit checkpoint")
     imp = imp_parser.add_subparsers(dest="import_cmd", required=True, metavar="FORMAT")

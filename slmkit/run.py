@@ -38,8 +38,9 @@ KINDS = {
     "report": "an slm compare report",
     "quantize": "a quantized checkpoint (slm quantize)",
     "export": "a model exported for another runtime (slm export: transformers, GGUF, ONNX)",
+    "finetune": "a model fine-tuned from another (slm finetune: continued pretraining, LoRA, classify, chat)",
 }
-MODEL_KINDS = ("train", "ngram", "import", "checkpoint", "quantize")
+MODEL_KINDS = ("train", "ngram", "import", "checkpoint", "quantize", "finetune")
 
 
 def now() -> str:

@@ -20,8 +20,8 @@ ROOT = Path(slmkit.__file__).parent
 # both. interop (import/export of other formats) sits under api, so `LLM.export` can call it.
 LAYERS = (
     ("errors",), ("fsutil", "versions"), ("runtime",), ("config",), ("run",), ("metrics", "sampling"),
-    ("tokenizer",), ("data",), ("model",), ("checkpoint",), ("train",), ("infer",), ("compress",), ("interop",),
-    ("api",), ("eval",), ("recipes",), ("serve",), ("cli", "__main__", "__init__"),
+    ("tokenizer",), ("data",), ("model",), ("checkpoint",), ("train",), ("infer",), ("compress",), ("finetune",),
+    ("interop",), ("api",), ("eval",), ("recipes",), ("serve",), ("cli", "__main__", "__init__"),
 )
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -37,10 +37,9 @@ from slmkit.sampling import SamplingParams
 from slmkit.serve.engine import Done, Engine, QueueFull, Token
 from slmkit.serve.engine import Request as GenRequest
 from slmkit.serve.protocol import ApiError, ChatRequest, CompletionRequest, error_param
+from slmkit.tokenizer.tokenizer import PLAIN_TEMPLATE
 
 STATIC = Path(__file__).parent / "static"
-PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-                  "{% if add_generation_prompt %}Assistant:{% endif %}")
 PLAIN_STOP = "\nUser:"
 # The page loads only its own files and talks only to this server: injected markup could not fetch or run anything.
 PAGE_CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'"

@@ -36,6 +36,10 @@ from slmkit.fsutil import write_bytes
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 MAX_VOCAB = 1_000_000
 CONFIG_FILE = "tokenizer_config.json"
+# The chat template of a model without one of its own (everything trained here): "User: …" / "Assistant: …" lines.
+# It lives here, under both the server that prompts with it and fine-tuning that trains on it, so both render alike.
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}Assistant:{% endif %}")
 # End-of-turn / end-of-text specials of common pretrained vocabularies: generation stops at any of them.
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
 

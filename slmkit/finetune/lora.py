@@ -1,0 +1,164 @@
+"""LoRA (Hu et al. 2021) as a transform on slmkit's GPT: `add_lora(model, rank=8) -> model`, `merge_lora(model)`.
+
+Each targeted linear y = W x + b becomes y = W x + b + (alpha / r) · B A dropout(x), with A (r, in) drawn like
+nn.Linear's weight and B (out, r) zero, so at initialisation the model computes exactly what the base does; only A
+and B are trained, the base stays frozen. `merge_lora` folds B A into W and puts plain nn.Linear layers back, so a
+merged model is an ordinary GPT (fused decoding, quantization, export all apply).
+
+Our own ~100 lines rather than `peft`: peft imports transformers at import time (seconds and hundreds of MB for
+every `slm finetune`, against DESIGN's "the core never imports heavy extras"), wraps the model in its own class
+(state-dict keys become `base_model.model.…`, which our checkpoints, importers and exporters would each have to
+strip), and knows nothing of slmkit's packed QuantLinear, which LoRA over an int8 base needs. What peft would add
+beyond plain LoRA (DoRA, IA3, prompt tuning) is out of scope here.
+
+Targets are module roles, "attn.<name>" or "mlp.<name>" for the linears inside the blocks (attention: qkv and proj,
+or qv for LSH; MLP: fc and proj; a shared MLP counts as mlp); "attn" or "mlp" alone take all of that part.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slmkit.errors import SlmError
+from slmkit.infer.quantized import QuantLinear
+from slmkit.model.ffn import LowRankLinear, MoE
+
+DEFAULT_TARGETS = ("attn", "mlp")
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base` linear (nn.Linear or an int8 QuantLinear) plus a trainable rank-r update.
+
+    x (..., in) → base(x) + scaling · (dropout(x) @ Aᵀ) @ Bᵀ, scaling = alpha / r.
+    """
+
+    def __init__(self, base: nn.Linear | QuantLinear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        ref = base.weight if isinstance(base, nn.Linear) else base.scale
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=ref.device))  # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=ref.device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's init (the paper's "random Gaussian")
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # two thin matmuls (x·Aᵀ is (…, r)): never the (out, in) product B·A, which would cost a full weight per step
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scaling
+
+    def delta(self) -> Tensor:
+        """The update to the base weight, scaling · B A (out, in)."""
+        return (self.lora_b @ self.lora_a) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """An nn.Linear computing what this layer computes (up to float rounding), the base weight plus the update.
+        An int8 base is widened first: the merge goes into fp32 weights, never back into rounded ones."""
+        base = self.base
+        w = base.weight.detach() if isinstance(base, nn.Linear) else base.dequantized()
+        bias = base.bias
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w.float() + self.delta().float())
+            if bias is not None:
+                lin.bias.copy_(bias.detach())
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def _role(name: str) -> str:
+    """"blocks.3.attn.qkv" → "attn.qkv"; "shared_mlp.fc" → "mlp.fc"."""
+    parent, _, child = name.rpartition(".")
+    part = parent.rpartition(".")[2]
+    return f"{'mlp' if part == 'shared_mlp' else part}.{child}"
+
+
+def _matches(role: str, targets: Sequence[str]) -> bool:
+    return any(role == t or role.startswith(t + ".") for t in targets)
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every projection inside the blocks (attention and MLP), whatever its kind."""
+    for name, mod in model.named_modules():
+        # an MoE router (C × E) is left alone: it picks the experts, and its width is the number of experts
+        if name.startswith(("blocks.", "shared_mlp.")) and _role(name).split(".")[0] in ("attn", "mlp") \
+                and isinstance(mod, nn.Linear | QuantLinear | LowRankLinear) and not name.endswith(".router"):
+            yield name, mod
+
+
+def add_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
+    """Wrap the targeted linears of `model` (a GPT) in `LoRALinear`, freeze every other parameter, and return the
+    model. Only the LoRA factors require grad afterwards.
+
+    >>> add_lora(model, rank=8, alpha=16, targets=["attn.qkv", "mlp"])  # doctest: +SKIP
+    """
+    if rank < 1:
+        raise SlmError(f"LoRA rank {rank} must be >= 1")
+    if not 0 <= dropout < 1:
+        raise SlmError(f"LoRA dropout {dropout} must be in [0, 1)")
+    targets = list(targets)
+    if not targets:
+        raise SlmError("give at least one LoRA target module (e.g. attn, mlp, attn.qkv, mlp.fc)")
+    found = list(_candidates(model))
+    roles = sorted({_role(n) for n, _ in found})
+    chosen = [(n, m) for n, m in found if _matches(_role(n), targets)]
+    for t in targets:
+        if not any(_matches(_role(n), [t]) for n, _ in chosen):
+            moe = " (a Mixture-of-Experts layer's experts are stacked weights, not linears)" \
+                if any(isinstance(m, MoE) for m in model.modules()) else ""
+            raise SlmError(f"LoRA target {t!r} matches no linear layer of this model; its block linears are "
+                           f"{', '.join(roles) or 'none'}{moe}")
+    for name, mod in chosen:
+        if isinstance(mod, LowRankLinear):
+            raise SlmError(f"{name} is a low-rank factorised layer, not a dense one; LoRA wraps dense linears — "
+                           f"fine-tune this model with --method full, or target other modules")
+        if rank > min(mod.in_features, mod.out_features):
+            raise SlmError(f"LoRA rank {rank} is larger than the layer {name} ({mod.in_features} → "
+                           f"{mod.out_features}); use a rank of at most {min(mod.in_features, mod.out_features)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, mod in chosen:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, LoRALinear(mod, rank, alpha, dropout))
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight and put plain nn.Linear layers back; returns the model."""
+    for name, mod in lora_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, mod.merged())
+    return model
+
+
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter: each LoRA layer's A and B by name ("blocks.0.attn.qkv.lora_a"), what an adapter file holds."""
+    return {f"{n}.{k}": getattr(m, k).detach().contiguous() for n, m in lora_layers(model).items()
+            for k in ("lora_a", "lora_b")}
+
+
+def load_lora_state(model: nn.Module, state: dict[str, Tensor], origin: str) -> None:
+    """Copy an adapter (`lora_state`) into a model that `add_lora` wrapped the same way; a mismatch is one line."""
+    want = {k: v.shape for k, v in lora_state(model).items()}
+    got = {k: v.shape for k, v in state.items()}
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+        raise SlmError(f"adapter {origin} does not fit the model (e.g. {diff[0]}); the base or the LoRA settings "
+                       f"differ from the ones it was trained with")
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for key, value in state.items():
+            name, _, k = key.rpartition(".")
+            getattr(layers[name], k).copy_(value)

@@ -1,0 +1,111 @@
+"""LoRA as a transform: identity at init, merge exact, only the factors train, the base frozen (fp32 or int8)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slmkit.config import ModelConfig
+from slmkit.errors import SlmError
+from slmkit.finetune import LoRALinear, add_lora, merge_lora
+from slmkit.finetune.lora import lora_state
+from slmkit.finetune.model import checkpoint_blocks, freeze_int8
+from slmkit.infer.quantized import QuantLinear
+from slmkit.model import GPT
+from tests.conftest import noisy_weights
+
+CFG = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, pos="rope",
+                  norm="rmsnorm", mlp="swiglu")
+
+
+def model(**fields) -> GPT:
+    torch.manual_seed(0)
+    return noisy_weights(GPT(CFG.replace(**fields))).eval()
+
+
+def ids(B: int = 2, T: int = 16) -> torch.Tensor:
+    return torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+
+
+def test_lora_at_init_computes_exactly_what_the_base_does():
+    base = model()
+    lora = add_lora(copy.deepcopy(base), rank=4, alpha=8)
+    assert len([m for m in lora.modules() if isinstance(m, LoRALinear)]) == 2 * 4  # qkv, proj, fc, proj per layer
+    with torch.no_grad():
+        torch.testing.assert_close(lora(ids())[0], base(ids())[0], atol=0, rtol=0)
+
+
+def test_merged_equals_unmerged_and_is_a_plain_gpt_again():
+    lora = add_lora(model(), rank=4, alpha=8, targets=["attn.qkv", "mlp"])
+    with torch.no_grad():
+        for m in lora.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(std=0.1)  # a trained update
+        unmerged = lora(ids())[0]
+        merged = merge_lora(lora)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        assert set(merged.state_dict()) == set(model().state_dict())
+        torch.testing.assert_close(merged(ids())[0], unmerged, atol=1e-5, rtol=1e-5)
+    assert (unmerged - model()(ids())[0]).abs().max() > 1e-2  # and the update did change the model
+
+
+def test_only_the_adapter_trains():
+    base = model()
+    lora = add_lora(copy.deepcopy(base), rank=2, alpha=4).train()
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_a", "lora_b")) for n in trainable)
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    x = ids()
+    for _ in range(3):
+        lora(x[:, :-1], x[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    frozen = {n.replace(".base.", "."): p for n, p in lora.named_parameters() if not p.requires_grad}
+    for name, p in base.named_parameters():
+        assert torch.equal(frozen[name], p), name
+    assert all(v.abs().sum() > 0 for k, v in lora_state(lora).items() if k.endswith("lora_b"))
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(SlmError, match=r"rank 64 is larger than the layer blocks\.0\.attn\.qkv \(32 → 64\)"):
+        add_lora(model(), rank=64)
+    with pytest.raises(SlmError, match=r"target 'attn.q' matches no linear layer.*attn.proj, attn.qkv, mlp.fc"):
+        add_lora(model(), targets=["attn.q"])
+    with pytest.raises(SlmError, match="low-rank factorised layer"):
+        add_lora(model(lowrank=8), targets=["mlp"])
+    with pytest.raises(SlmError, match=r"matches no linear layer.*Mixture-of-Experts"):
+        add_lora(model(moe_experts=4), targets=["mlp"])
+
+
+def test_lora_over_an_int8_base_starts_at_the_int8_model_and_passes_gradients_to_every_layer():
+    base = freeze_int8(model())
+    assert isinstance(base.blocks[0].attn.qkv, QuantLinear)
+    with torch.no_grad():
+        ref = base(ids())[0]
+    lora = add_lora(base, rank=2, alpha=4).train()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(ids())[0], ref, atol=0, rtol=0)
+    x = ids()
+    lora(x[:, :-1], x[:, 1:])[1].backward()
+    # B is zero at init, so A's gradient is zero; B's is not, in every layer, the first included: the gradient went
+    # back through the packed layers above it
+    grads = {n: p.grad for n, p in lora.named_parameters() if n.endswith("lora_b")}
+    assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain, ckpt = add_lora(model(), rank=2), checkpoint_blocks(add_lora(model(), rank=2))
+    x = ids()
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        with torch.no_grad():
+            for layer in m.modules():
+                if isinstance(layer, LoRALinear):
+                    layer.lora_b.fill_(0.01)
+        m(x[:, :-1], x[:, 1:])[1].backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5)
