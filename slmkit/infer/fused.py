@@ -1,16 +1,20 @@
-"""The fused decode step: one C call per generated token for dense transformers (kernels.c `slm_decode_step`).
+"""The fused decode step: one C call per step (kernels.c `slm_decode_batch`) feeds one token to one sequence
+(`FusedDecoder`), or one token to each of several sequences of a batch cache, each at its own position
+(`BatchDecoder`, continuous batching).
 
-`FusedDecoder.for_model(model, cache)` returns None when the model is outside what the C step implements — attention
-other than full or sliding-window, low-rank layers, non-fp32 parameters, a batch > 1 cache — and the engine then
-decodes through PyTorch, which computes the same function (tests compare the two on every supported configuration).
-Dense and Mixture-of-Experts FFNs are both covered, and every KV cache storage (fp32, bf16, int8: KVCache).
-Linear layers may be fp32 `nn.Linear` or int8/int4/bf16 `QuantLinear`, expert stacks fp32 parameters or int8/int4/bf16
-`QuantExperts` (slmkit.compress.quantize), mixed freely; the C step reads the packed weights in place.
+`for_model(model, cache)` returns None when the model is outside what the C step implements — attention other than
+full or sliding-window, low-rank layers, non-fp32 parameters (and for FusedDecoder a batch > 1 cache) — and the caller
+then decodes through PyTorch, which computes the same function (tests compare the two on every supported
+configuration). Dense and Mixture-of-Experts FFNs are both covered, and every KV cache storage (fp32, bf16, int8:
+KVCache). Linear layers may be fp32 `nn.Linear` or int8/int4/bf16 `QuantLinear`, expert stacks fp32 parameters or
+int8/int4/bf16 `QuantExperts` (slmkit.compress.quantize), mixed freely; the C step reads the packed weights in place.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
+from typing import Self
 
 import torch
 from torch import nn
@@ -32,25 +36,26 @@ def _linear(mod: nn.Module) -> kernels.Mat | None:
     return None
 
 
-class FusedDecoder:
-    """Decode one token per call: `logits = dec(token, pos)` writes position `pos`'s keys/values into the cache and
-    returns the (V,) fp32 logits of the next token (a buffer reused by the next call). The caller advances cache.pos."""
+class _Step:
+    """The C step for `model` decoding into `cache`: the kernels.c Model struct with scratch for as many sequences
+    as the cache holds, and every tensor whose address it holds (they live as long as this object)."""
 
-    def __init__(self, lib: ctypes.CDLL, model: GPT, cache: KVCache, cm: kernels.Model, layers: ctypes.Array,
-                 keep: list):
-        self._lib, self.model, self.cache, self._cm, self._layers, self._keep = lib, model, cache, cm, layers, keep
-        self.logits = torch.empty(model.config.vocab_size, dtype=torch.float32)
+    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list):
+        self._lib: ctypes.CDLL = kernels._lib  # type: ignore[assignment]
+        self.model, self.cache, self._cm, self._keep = model, cache, cm, keep
+        # positions index the cache and the position tables (RoPE, learned, sinusoidal), both of this many rows
+        self._max_pos = min(cache.max_len, model.config.block_size)
 
     @classmethod
-    def for_model(cls, model: nn.Module, cache: KVCache) -> FusedDecoder | None:
+    def _build(cls, model: nn.Module, cache: KVCache) -> Self | None:
         if not isinstance(model, GPT) or not kernels.available():
             return None
         cfg = model.config
         if cfg.attention not in ("full", "local") or cfg.lowrank or cfg.pos not in POS_KINDS:
             return None
-        if model.tok_emb.weight.dtype != torch.float32 or cache.dtype != torch.float32 or cache.k[0].size(0) != 1:
+        if model.tok_emb.weight.dtype != torch.float32 or cache.dtype != torch.float32:
             return None
-        keep: list = [cache]  # every tensor whose address the C structs hold
+        keep: list = [cache]
         layers = (kernels.Layer * cfg.n_layer)()
         for i in range(cfg.n_layer):
             block = model.blocks[i % len(model.blocks)]
@@ -75,14 +80,17 @@ class FusedDecoder:
         head = _linear(model.lm_head)
         if head is None:
             return None
+        rows = cache.k[0].size(0)
         C, nh, nkv, hd, H = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden
-        E = cfg.moe_experts
-        scratch = {name: torch.zeros(n) for name, n in (("x", C), ("xb", C), ("qkv", (nh + 2 * nkv) * hd), ("att", C),
-                                                         ("hb", 2 * H), ("scores", nh * cache.max_len), ("eo", C),
-                                                         ("ew", max(1, 2 * E)))}
-        scratch["esel"] = torch.zeros(max(1, E), dtype=torch.int32)
-        acts = kernels._Scratch(1, max(C, H))
-        keep += [model, scratch, acts]
+        E, k = cfg.moe_experts, cfg.moe_top_k if cfg.moe_experts else 0
+        # kernels.c Model: per-row sizes; MoE buffers stay one element for dense models
+        sizes = {"x": C, "xb": C, "qkv": (nh + 2 * nkv) * hd, "att": C, "hb": 2 * H, "ha": H,
+                 "scores": nh * cache.max_len, "ew": E, "eg": k, "xe": k * C, "eo": k * C}
+        scratch = {name: torch.zeros(max(1, rows * n)) for name, n in sizes.items()}
+        scratch |= {name: torch.zeros(max(1, rows * k), dtype=torch.int32) for name in ("esel", "epair", "eplace")}
+        scratch["estart"] = torch.zeros(E + 1, dtype=torch.int32)
+        acts = kernels._Scratch(rows, max(C, H))
+        keep += [model, layers, scratch, acts]
         pos_table = model.pos_emb.weight if model.pos_emb is not None else getattr(model, "pos_table", None)
         rotary = model.blocks[0].attn.rotary
         cm = kernels.Model(
@@ -91,16 +99,84 @@ class FusedDecoder:
             model.tok_emb.weight.data_ptr(), None if pos_table is None else pos_table.data_ptr(),
             None if rotary is None else rotary.cos.data_ptr(), None if rotary is None else rotary.sin.data_ptr(),
             model.norm_f.weight.data_ptr(), _bias(model.norm_f), head, layers,
-            *(scratch[n].data_ptr() for n in ("x", "xb", "qkv", "att", "hb", "scores")), acts.acts,
-            *(scratch[n].data_ptr() for n in ("eo", "ew", "esel")),
+            *(scratch[n].data_ptr() for n in kernels.MODEL_SCRATCH), acts.acts,
+            *(scratch[n].data_ptr() for n in kernels.MOE_SCRATCH),
         )
-        return cls(kernels._lib, model, cache, cm, layers, keep)  # type: ignore[arg-type]
+        return cls(model, cache, cm, keep)
+
+
+class FusedDecoder(_Step):
+    """Decode one token per call: `logits = dec(token, pos)` writes position `pos`'s keys/values into the cache and
+    returns the (V,) fp32 logits of the next token (a buffer reused by the next call). The caller advances cache.pos.
+    The cache holds one sequence (a batch-1 cache, or `KVCache.slot(b)` of a larger one)."""
+
+    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list):
+        super().__init__(model, cache, cm, keep)
+        self.logits = torch.empty(model.config.vocab_size, dtype=torch.float32)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cache: KVCache) -> FusedDecoder | None:
+        return cls._build(model, cache) if cache.k[0].size(0) == 1 else None
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
-        if not 0 <= pos < self.cache.max_len:
-            raise ValueError(f"position {pos} is outside the cache of {self.cache.max_len}")
+        if not 0 <= pos < self._max_pos:
+            raise ValueError(f"position {pos} is outside the cache of {self._max_pos}")
         self._lib.slm_decode_step(ctypes.byref(self._cm), token, pos, self.logits.data_ptr(), torch.get_num_threads())
         return self.logits
+
+
+class BatchDecoder(_Step):
+    """Continuous batching: one C call advances any subset of the sequences of a batch-S cache by one token each,
+    every sequence at its own position, and reads each weight once for all of them. Batch-1 decoding is bound by
+    that weight traffic, so a step of n sequences costs much less than n steps of one.
+
+    `logits = dec(tokens, slots, positions)` feeds tokens[i] at position positions[i] of the sequence in cache slot
+    slots[i], writes those keys/values into the cache, and returns the (n, V) fp32 next-token logits, row i for
+    slots[i]: a view of a buffer the next call overwrites (copy what must outlive it). Each row's logits are those
+    that FusedDecoder gives for its sequence alone. A sequence is prefilled with the PyTorch forward through its
+    `cache.slot(b)` view; the caller keeps the positions (e.g. in those views' `.pos`) and advances them. One call at
+    a time: the steps share their scratch buffers.
+
+    >>> cache = model.new_cache(8, 512)
+    >>> dec = BatchDecoder.for_model(model, cache)
+    >>> logits = dec([17, 4], slots=[3, 0], positions=[12, 40])  # (2, V)
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list):
+        super().__init__(model, cache, cm, keep)
+        self.batch_size = cache.k[0].size(0)  # S: the cache's sequences, the most one step can take
+        self.logits = torch.empty(self.batch_size, model.config.vocab_size, dtype=torch.float32)
+        self._args = [(ctypes.c_int * self.batch_size)() for _ in range(3)]  # tokens, positions, slots for the C call
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cache: KVCache) -> BatchDecoder | None:
+        return cls._build(model, cache)
+
+    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        n = len(tokens)
+        if not len(slots) == len(positions) == n:
+            raise ValueError(f"got {n} tokens, {len(slots)} slots and {len(positions)} positions: give one of each "
+                             "per sequence")
+        if n > self.batch_size:
+            raise ValueError(f"{n} sequences in one step, but the cache holds {self.batch_size}")
+        if len(set(slots)) != n:
+            raise ValueError(f"slots {list(slots)} repeat a slot: each sequence of a step needs its own")
+        cfg = self.model.config
+        for name, values, limit, why in (
+            ("slot", slots, self.batch_size, f"the cache holds {self.batch_size} sequences"),
+            ("position", positions, self._max_pos, f"cache length {self.cache.max_len}, context {cfg.block_size}"),
+            ("token", tokens, cfg.vocab_size, "the vocabulary"),
+        ):
+            bad = next((v for v in values if not 0 <= v < limit), None)
+            if bad is not None:
+                raise ValueError(f"{name} {bad} is outside 0..{limit - 1} ({why})")
+        if n == 0:
+            return self.logits[:0]
+        tok, pos, slot = self._args
+        tok[:n], pos[:n], slot[:n] = tokens, positions, slots
+        self._lib.slm_decode_batch(ctypes.byref(self._cm), n, tok, pos, slot, self.logits.data_ptr(),
+                                   torch.get_num_threads())
+        return self.logits[:n]
 
 
 def _experts(moe: MoE) -> tuple[ctypes.Array, ctypes.Array]:

@@ -1,5 +1,6 @@
 """CPU inference kernels in C: weight-only int8 / int4 / bf16 / fp32 matrix products for small batches, and a fused
-one-token decode step for dense transformers (slmkit/infer/csrc/kernels.c explains the numerics).
+decode step for dense transformers: one token for each of a batch of sequences (slmkit/infer/csrc/kernels.c explains
+the numerics).
 
 Why: decoding one token reads every weight once, so on CPU its speed is the memory bandwidth divided by the bytes of
 the weights (fp32 4 per parameter, bf16 2, int8 1 + one fp32 scale per output row, int4 0.5 + one fp16 scale per
@@ -46,6 +47,10 @@ WIDEN_BYTES = 1 << 20
 
 # --- the C structs (kernels.c) ---------------------------------------------------------------------------------
 
+# Model's scratch buffers, in the struct's order: the step's activations, then the MoE layers' (fused.py sizes them)
+MODEL_SCRATCH = ("x", "xb", "qkv", "att", "hb", "ha", "scores")
+MOE_SCRATCH = ("ew", "eg", "xe", "eo", "esel", "epair", "eplace", "estart")
+
 
 class Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
@@ -53,7 +58,7 @@ class Mat(ctypes.Structure):
 
 
 class Acts(ctypes.Structure):
-    _fields_ = [("q", ctypes.c_void_p), ("qs", ctypes.c_void_p), ("b16", ctypes.c_void_p), ("xc", ctypes.c_void_p)]
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "qs", "b16", "xc", "bc")]
 
 
 class Layer(ctypes.Structure):
@@ -68,8 +73,8 @@ class Model(ctypes.Structure):
                                             "pos_kind", "window", "kv_kind")] + [("eps", ctypes.c_float)] + \
                [(n, ctypes.c_void_p) for n in ("emb", "pos_table", "cos", "sin", "nfw", "nfb")] + \
                [("head", Mat), ("layers", ctypes.POINTER(Layer))] + \
-               [(n, ctypes.c_void_p) for n in ("x", "xb", "qkv", "att", "hb", "scores")] + [("acts", Acts)] + \
-               [(n, ctypes.c_void_p) for n in ("eo", "ew", "esel")]
+               [(n, ctypes.c_void_p) for n in MODEL_SCRATCH] + [("acts", Acts)] + \
+               [(n, ctypes.c_void_p) for n in MOE_SCRATCH]
 
 
 def _torch_openmp() -> Path | None:
@@ -109,6 +114,9 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_widen.restype = None
     lib.slm_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slm_decode_step.restype = None
+    lib.slm_decode_batch.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.slm_decode_batch.restype = None
     lib.slm_features.restype = ctypes.c_int
     return lib
 
@@ -205,7 +213,8 @@ class _Scratch:
         self.qs = torch.empty(max(1, n // Q4BLOCK), dtype=torch.float32)  # the smaller block: a scale per 32
         self.b16 = torch.empty(n, dtype=torch.int16)
         self.xc = torch.empty(max(1, n // 4), dtype=torch.int32)  # int4: per-lane corrections
-        self.acts = Acts(self.q.data_ptr(), self.qs.data_ptr(), self.b16.data_ptr(), self.xc.data_ptr())
+        self.bc = torch.empty(max(1, n // Q4BLOCK), dtype=torch.int32)  # VNNI tiles: per-block corrections
+        self.acts = Acts(*(t.data_ptr() for t in (self.q, self.qs, self.b16, self.xc, self.bc)))
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,

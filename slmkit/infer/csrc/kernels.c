@@ -1,4 +1,5 @@
-/* slmkit CPU inference kernels: weight-only matrix products for small batches and a fused one-token decode step.
+/* slmkit CPU inference kernels: weight-only matrix products for small batches and a fused decode step (one token
+ * for each of a batch of sequences).
  *
  * Why C: decoding one token of a small model reads every weight once, so its speed is set by memory bandwidth, and
  * at 135M parameters a token is ~10 ms of weight traffic. PyTorch spends about as long again in per-operator overhead
@@ -7,19 +8,21 @@
  *
  * Weights: int8 (symmetric, one fp32 scale per output row), int4, bf16, or fp32; row-major (N, K) like nn.Linear.
  *   - int8: activations are quantized to int8 in blocks of 64 (one fp32 scale per block, like llama.cpp's Q8_0) and
- *     multiplied with AVX-512 VNNI (64 multiply-adds per instruction), else AVX2 (vpmaddubsw, 32); in scalar builds,
+ *     multiplied with AVX-512 VNNI (64 multiply-adds per instruction, in tiles of 16 weight rows: see tile_q8), else
+ *     AVX2 (vpmaddubsw, 32); in scalar builds,
  *     or K not a multiple of 64, the weights are widened to fp32 instead and activations stay exact.
  *   - int4: (N, K/2) bytes in llama.cpp's Q4_0 block layout (slmkit/infer/quantized.py) with one fp16 scale per group
  *     of 32/64/128 weights of a row. Always int8 x int8 like llama.cpp's Q4_0 x Q8_0 dot: activations are quantized
  *     in blocks of 32, and each 32-weight block's integer dot product is scaled by activation scale x weight scale.
  *     The nibbles are unpacked in registers, 32 weights at a time: never a widened copy of the matrix.
- *     AVX-512 VNNI (vpdpbusd, two blocks per instruction), else AVX2 (vpmaddubsw), else scalar.
+ *     AVX-512 VNNI (vpdpbusd, in tiles of 16 weight rows: tile_int4), else AVX2 (vpmaddubsw), else scalar.
  *   - bf16: activations are rounded to bf16 and multiplied with AVX-512 BF16 (vdpbf16ps); without it, widened.
  *   - fp32: fused multiply-add.
  * Every vector loop has an AVX-512 path, an AVX2 + FMA one (most laptops, AMD before Zen 4) and a scalar fallback:
  * scalar fp32 reductions are chains of dependent adds (C's float order forbids the compiler to vectorize them), several
  * times slower than PyTorch's GEMV (docs/benchmarks.md, 2026-12-02).
- * Each thread reads its share of the rows front to back, one row at a time.
+ * Each thread reads its share of the rows front to back, one row at a time (int8 and int4 with VNNI: a tile of 16
+ * contiguous rows at a time, block by block).
  */
 #include <math.h>
 #include <stddef.h>
@@ -32,6 +35,7 @@
 enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2, W_INT4 = 3 };
 #define QBLOCK 64  /* activation block for int8 weights */
 #define Q4BLOCK 32 /* int4: nibble-packing block of the weights, and the activation block */
+#define TILE 16    /* int8 and int4 weights with VNNI: rows per tile (tile_q8, tile_int4) */
 /* Software prefetch of the weights this far ahead of the row being read, into L2. The hardware prefetcher alone
    left a 2-core Xeon (AMX) at 62 % / 71 % of the read bandwidth with int8 / bf16 rows of 0.5-1 KB; with this,
    SmolLM2-135M decoded at ~1.45x (int8) and ~1.2x (bf16) the tokens/s, fp32 unchanged (bench/decode.py,
@@ -55,6 +59,7 @@ typedef struct {
   float* qs;      /* one scale per block: M * K / Q4BLOCK (the smaller block) */
   uint16_t* b16;  /* bf16: M * K */
   int32_t* xc;    /* int4: -8 x the sum of each 4 consecutive int8 activations, M * K / 4 (dot_int4) */
+  int32_t* bc;    /* VNNI tiles: -128 (int8) or -8 (int4) x the sum of each block's activations, M * K / Q4BLOCK */
 } Acts;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -106,45 +111,97 @@ static int use_dpbf16(const Mat* A) {
 #endif
 }
 
-/* x (n values) -> int8 in blocks of `block`, one fp32 scale each (the block's largest |x| maps to 127). */
+/* x (n values) -> int8 in blocks of `block`, one fp32 scale each (the block's largest |x| maps to 127), rounding
+   half to even (vcvtps2dq, nearbyintf: the default rounding mode, as lrintf). A batched step converts every row's
+   activations before each matmul, so this is written out with AVX-512 (and with inlined scalar operations in the
+   rest: fmaxf and lrintf compile to library calls here). */
 static void quantize_blocks(const float* x, size_t n, int block, int8_t* q, float* qs) {
   for (size_t i = 0; i < n / block; i++) {
     const float* xb = x + i * block;
+    int8_t* qb = q + i * block;
     float amax = 0.f;
-    for (int j = 0; j < block; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    int j = 0;
+#if defined(__AVX512F__)
+    if (block % 16 == 0) {
+      __m512 mx = _mm512_setzero_ps();
+      for (; j < block; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + j)));
+      amax = _mm512_reduce_max_ps(mx);
+    }
+#endif
+    for (; j < block; j++) {
+      const float a = fabsf(xb[j]);
+      amax = a > amax ? a : amax;
+    }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     qs[i] = amax / 127.f;
-    for (int j = 0; j < block; j++) q[i * block + j] = (int8_t)lrintf(xb[j] * inv);
+    j = 0;
+#if defined(__AVX512F__)
+    if (block % 16 == 0) {
+      const __m512 v = _mm512_set1_ps(inv);
+      for (; j < block; j += 16)
+        _mm_storeu_si128((__m128i*)(qb + j),
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + j), v))));
+    }
+#endif
+    for (; j < block; j++) qb[j] = (int8_t)(int)nearbyintf(xb[j] * inv);
   }
 }
 
-/* Convert x (M, K) for A's kernel. Serial: K is at most a few thousand. */
-static void prepare(const Mat* A, const float* x, int M, Acts* acts) {
-  const size_t n = (size_t)M * A->K;
-  if (A->kind == W_INT4) {
-    quantize_blocks(x, n, Q4BLOCK, acts->q, acts->qs);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* The tiles' corrections: bc[i] = f x (the sum of the int8 values q[i block .. (i+1) block - 1]), i < n / block. */
+static void block_sums(const int8_t* q, int n, int block, int f, int32_t* bc) {
+  for (int i = 0; i < n / block; i++) {
+    int sum = 0;
+    for (int j = 0; j < block; j++) sum += q[i * block + j];
+    bc[i] = f * sum;
+  }
+}
+#endif
+
+/* int4's corrections (dot_int4): xc[i] = -8 x (the sum of the 4 int8 activations q[4i .. 4i+3]), i < n / 4. */
+static void int4_corrections(const int8_t* q, int n, int32_t* xc) {
+  int i = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const __m512i ones = _mm512_set1_epi8(1), f = _mm512_set1_epi32(-8);
+  for (; i + 64 <= n; i += 64)
+    _mm512_storeu_si512(xc + i / 4, _mm512_mullo_epi32(f, _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                                                                 _mm512_loadu_si512(q + i))));
+#endif
+  for (; i < n; i += 4) xc[i / 4] = -8 * (q[i] + q[i + 1] + q[i + 2] + q[i + 3]);
+}
+
+/* Convert row m of x (M, K) for A's kernel. One row per call, so that a batched decode step (M up to the number of
+   sequences) spreads the conversion over the threads; K is a multiple of each block here (use_q8, int4 layout), so
+   row m's blocks are the blocks m * K / block onwards of the whole. */
+static void prepare(const Mat* A, const float* x, int m, Acts* acts) {
+  const int K = A->K;
+  const size_t o = (size_t)m * K;
+  if (A->kind == W_INT4) {
+    int8_t* q = acts->q + o;
+    quantize_blocks(x + o, K, Q4BLOCK, q, acts->qs + o / Q4BLOCK);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    block_sums(q, K, Q4BLOCK, -8, acts->bc + o / Q4BLOCK); /* tile_int4 */
     /* dot_int4's order: in each pair of blocks (b, b+1) of a row, [b 0-15, b+1 0-15, b 16-31, b+1 16-31], the order
        in which a 32-byte load of the pair's packed weights unpacks (low nibbles, then high); a row's odd last block
        stays as it is. */
-    const int nb = A->K / Q4BLOCK;
-    for (int m = 0; m < M; m++)
-      for (int b = 0; b + 2 <= nb; b += 2) {
-        int8_t* q = acts->q + (size_t)m * A->K + (size_t)b * Q4BLOCK;
-        int8_t t[16];
-        memcpy(t, q + 16, 16);      /* b 16-31 */
-        memcpy(q + 16, q + 32, 16); /* b+1 0-15 */
-        memcpy(q + 32, t, 16);
-      }
-#endif
-    for (size_t i = 0; i < n / 4; i++) {
-      const int8_t* q = acts->q + 4 * i;
-      acts->xc[i] = -8 * (q[0] + q[1] + q[2] + q[3]);
+    for (int b = 0; b + 2 <= K / Q4BLOCK; b += 2) {
+      int8_t* qb = q + (size_t)b * Q4BLOCK;
+      int8_t t[16];
+      memcpy(t, qb + 16, 16);       /* b 16-31 */
+      memcpy(qb + 16, qb + 32, 16); /* b+1 0-15 */
+      memcpy(qb + 32, t, 16);
     }
+#endif
+    int4_corrections(q, K, acts->xc + o / 4);
   }
-  else if (use_q8(A)) quantize_blocks(x, n, QBLOCK, acts->q, acts->qs);
+  else if (use_q8(A)) {
+    quantize_blocks(x + o, K, QBLOCK, acts->q + o, acts->qs + o / QBLOCK);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    block_sums(acts->q + o, K, QBLOCK, -128, acts->bc + o / QBLOCK); /* tile_q8 */
+#endif
+  }
   else if (use_dpbf16(A))
-    for (size_t i = 0; i < n; i++) acts->b16[i] = f32_to_bf16(x[i]);
+    for (int i = 0; i < K; i++) acts->b16[o + i] = f32_to_bf16(x[o + i]);
 }
 
 /* One int4 row . one activation row: w K/2 packed bytes, ws its K/group fp16 scales, xq/xs the row's int8 blocks of
@@ -154,8 +211,9 @@ static void prepare(const Mat* A, const float* x, int M, Acts* acts) {
    want (unsigned x signed bytes), and start each 4-byte lane's sum at -8 x (its 4 activations), from xc:
    sum u x - 8 sum x = sum q x. That correction depends on the activations only, so it is computed once per call,
    not once per row; the sign tricks it replaces cost three instructions per block in every row. */
-static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int8_t* xq, const float* xs,
-                      const int32_t* xc, int K) {
+/* noinline: inlined into row(), it left the int8 path's loop short of registers, and measurably slower */
+__attribute__((noinline)) static float dot_int4(const uint8_t* w, const uint16_t* ws, int group, const int8_t* xq,
+                                                const float* xs, const int32_t* xc, int K) {
   /* block b's weight scale is ws[b >> gs]: a shift, as a division here cost more than the block's arithmetic */
   const int nb = K / Q4BLOCK, gs = __builtin_ctz(group / Q4BLOCK);
   float s = 0.f;
@@ -274,6 +332,169 @@ static inline float dot_q8(const int8_t* w, const int8_t* xq, const float* xs, i
   return s;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* Tiles of 16 weight rows (int8 and int4 weights, AVX-512 VNNI). A batched decode step is bound by the arithmetic of
+   its products, not by the weight traffic, and a row-at-a-time dot product spends most of its instructions on work
+   that does not depend on the activation row (the sign trick or the nibble unpacking, the horizontal sum at the
+   end). A tile instead transposes its 16 rows' weights in registers, one block at a time, so that each lane holds
+   one weight row's 4 bytes at each step: a vpdpbusd then multiplies the 16 rows' next 4 weights by 4 activations
+   broadcast from memory, and after a block's worth of them each lane holds its row's exact integer dot product with
+   the block. The transposition (and the weights' offset or unpacking) is done once per block for all M activation
+   rows; per activation row, a block of QBLOCK costs 16 vpdpbusd for the 16 rows, one conversion and one FMA, and no
+   horizontal sums. Batch-1 decoding gains too (fewer instructions per weight than the row kernels). Each block's
+   integer dot product is scaled (activation scale x weight scale) and summed over the blocks in order, in fp32: the
+   same for every M, so a row's result does not depend on how many rows share the call (tests compare a batched step
+   with batch-1 decoding for equality). A tile's 16 rows are contiguous in memory, read block by block; the next
+   tile is prefetched the same way (PREFETCH_AHEAD > 0 switches it on; the distance is the tile). That is 16 streams
+   where row() keeps to one (see there), and batch-1 decoding still measured faster. Rows past the last whole tile
+   take row(). */
+
+/* A 16 x 16 matrix of 32-bit elements, r[l] its row l, transposed in place: r[j] lane l = element j of row l. */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; i++) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+static inline int32_t load_i32(const int8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* y[m, n0 .. n0+15] for every m: int8 weight rows n0 .. n0+15 . the M activation rows (int8 blocks of QBLOCK,
+   their scales, and bc: -128 x each block's sum, from prepare). The weights are offset to w + 128 (unsigned, for
+   vpdpbusd) and the block's correction takes the offset out: sum (w + 128) x - 128 sum x = sum w x. */
+static void tile_q8(const Mat* A, const Acts* acts, int M, int n0, float* y) {
+  const int K = A->K, nb = K / QBLOCK;
+  const int8_t* w = (const int8_t*)A->w + (size_t)n0 * K;
+  float acc[M][16]; /* per activation row, the tile's 16 sums */
+  for (int m = 0; m < M; m++) _mm512_storeu_ps(acc[m], _mm512_setzero_ps());
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (int b = 0; b < nb; b++) {
+    __m512i t[16];
+    for (int l = 0; l < 16; l++) {
+      const int8_t* p = w + (size_t)l * K + (size_t)b * QBLOCK;
+#if PREFETCH_AHEAD > 0
+      _mm_prefetch(p + (size_t)TILE * K, _MM_HINT_T1); /* the next tile; past the matrix's end prefetches never fault */
+#endif
+      t[l] = _mm512_xor_si512(_mm512_loadu_si512(p), flip);
+    }
+    transpose16(t);
+    for (int m = 0; m < M; m++) {
+      const int8_t* x = acts->q + (size_t)m * K + (size_t)b * QBLOCK;
+      __m512i d0 = _mm512_set1_epi32(acts->bc[m * nb + b]), d1 = _mm512_setzero_si512(); /* two chains */
+      for (int j = 0; j < 16; j += 2) {
+        d0 = _mm512_dpbusd_epi32(d0, t[j], _mm512_set1_epi32(load_i32(x + 4 * j)));
+        d1 = _mm512_dpbusd_epi32(d1, t[j + 1], _mm512_set1_epi32(load_i32(x + 4 * j + 4)));
+      }
+      _mm512_storeu_ps(acc[m], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
+                                               _mm512_set1_ps(acts->qs[m * nb + b]), _mm512_loadu_ps(acc[m])));
+    }
+  }
+  /* the row scales, and the bias, with one rounding like row()'s single rows */
+  const __m512 sc = _mm512_loadu_ps((const float*)A->scale + n0);
+  const __m512 bias = A->bias ? _mm512_loadu_ps(A->bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < M; m++)
+    _mm512_storeu_ps(y + (size_t)m * A->N + n0, _mm512_fmadd_ps(_mm512_loadu_ps(acc[m]), sc, bias));
+}
+
+/* The 32 packed bytes of int4 blocks b, b+1 as unsigned nibbles, in dot_int4's order. */
+static inline __attribute__((always_inline)) __m512i unpack_pair(const uint8_t* w, int b) {
+  const __m256i p = _mm256_loadu_si256((const __m256i*)(w + 16 * b));
+  return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1),
+                          _mm512_set1_epi8(0x0F));
+}
+
+/* y[m, n0 .. n0+15] for every m: int4 weight rows n0 .. n0+15 (K/2 packed bytes each, fp16 scales per group) . the
+   M activation rows (int8 blocks of Q4BLOCK in dot_int4's pair order, their scales, and bc: -8 x each block's sum,
+   from prepare). As tile_q8, two blocks at a time: a pair's 32 packed bytes per row unpack (unpack_pair) to 64
+   nibbles u = q + 8, in the activations' order, and the transposed dwords 0-3 and 8-11 hold block b, 4-7 and 12-15
+   block b+1. An odd last block is unpacked in its original order (low nibbles, then high), like its activations. */
+static void tile_int4(const Mat* A, const Acts* acts, int M, int n0, float* y) {
+  const int K = A->K, nb = K / Q4BLOCK, ng = K / A->group, gs = __builtin_ctz(A->group / Q4BLOCK);
+  const size_t rb = (size_t)K / 2;
+  const uint8_t* w = (const uint8_t*)A->w + (size_t)n0 * rb;
+  const uint16_t* ws = (const uint16_t*)A->scale + (size_t)n0 * ng;
+  /* the tile's weight scales in fp32, row by row (ng of them, padded to whole vectors); a block's 16 (one per row)
+     are gathered from there */
+  const int ngp = (ng + 15) & ~15;
+  float wsc[16 * ngp];
+  for (int l = 0; l < 16; l++)
+    for (int g = 0; g < ng; g += 16) {
+      const __mmask16 k = ng - g >= 16 ? 0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+      _mm512_mask_storeu_ps(wsc + l * ngp + g, k,
+                            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + (size_t)l * ng + g)));
+    }
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set1_epi32(ngp), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                                     11, 12, 13, 14, 15));
+  float acc[M][16]; /* per activation row, the tile's 16 sums */
+  for (int m = 0; m < M; m++) _mm512_storeu_ps(acc[m], _mm512_setzero_ps());
+  __m512i t[16];
+  int b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    for (int l = 0; l < 16; l++) {
+#if PREFETCH_AHEAD > 0
+      _mm_prefetch(w + (size_t)(l + TILE) * rb + 16 * b, _MM_HINT_T1);
+#endif
+      t[l] = unpack_pair(w + (size_t)l * rb, b);
+    }
+    transpose16(t);
+    const __m512 s0 = _mm512_i32gather_ps(rows, wsc + (b >> gs), 4);
+    const __m512 s1 = _mm512_i32gather_ps(rows, wsc + ((b + 1) >> gs), 4);
+    for (int m = 0; m < M; m++) {
+      const int8_t* x = acts->q + (size_t)m * K + (size_t)b * Q4BLOCK;
+      const int c = m * nb + b;
+      __m512i d0 = _mm512_set1_epi32(acts->bc[c]), d1 = _mm512_set1_epi32(acts->bc[c + 1]);
+      for (int j = 0; j < 4; j++) {
+        d0 = _mm512_dpbusd_epi32(d0, t[j], _mm512_set1_epi32(load_i32(x + 4 * j)));
+        d1 = _mm512_dpbusd_epi32(d1, t[j + 4], _mm512_set1_epi32(load_i32(x + 16 + 4 * j)));
+        d0 = _mm512_dpbusd_epi32(d0, t[j + 8], _mm512_set1_epi32(load_i32(x + 32 + 4 * j)));
+        d1 = _mm512_dpbusd_epi32(d1, t[j + 12], _mm512_set1_epi32(load_i32(x + 48 + 4 * j)));
+      }
+      __m512 a = _mm512_loadu_ps(acc[m]);
+      a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_mul_ps(_mm512_set1_ps(acts->qs[c]), s0), a);
+      a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_mul_ps(_mm512_set1_ps(acts->qs[c + 1]), s1), a);
+      _mm512_storeu_ps(acc[m], a);
+    }
+  }
+  if (b < nb) {
+    for (int l = 0; l < 16; l++) {
+      const __m128i p = _mm_loadu_si128((const __m128i*)(w + (size_t)l * rb + 16 * b));
+      const __m256i u = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(p), _mm_srli_epi16(p, 4), 1),
+                                         _mm256_set1_epi8(0x0F));
+      t[l] = _mm512_zextsi256_si512(u);
+    }
+    transpose16(t); /* dwords 0-7: the block */
+    const __m512 s0 = _mm512_i32gather_ps(rows, wsc + (b >> gs), 4);
+    for (int m = 0; m < M; m++) {
+      const int8_t* x = acts->q + (size_t)m * K + (size_t)b * Q4BLOCK;
+      __m512i d = _mm512_set1_epi32(acts->bc[m * nb + b]);
+      for (int j = 0; j < 8; j++) d = _mm512_dpbusd_epi32(d, t[j], _mm512_set1_epi32(load_i32(x + 4 * j)));
+      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(acts->qs[m * nb + b]), s0);
+      _mm512_storeu_ps(acc[m], _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, _mm512_loadu_ps(acc[m])));
+    }
+  }
+  const __m512 bias = A->bias ? _mm512_loadu_ps(A->bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < M; m++)
+    _mm512_storeu_ps(y + (size_t)m * A->N + n0, _mm512_add_ps(_mm512_loadu_ps(acc[m]), bias));
+}
+#endif
+
 /* x row . weight row for the int8 kind with exact activations (row scale not applied), bf16 and fp32. */
 static float dot_row(const Mat* A, const char* wr, const float* xr, const Acts* acts, int m) {
   const int K = A->K, kind = A->kind;
@@ -356,6 +577,7 @@ static void row(const Mat* A, const float* x, const Acts* acts, int M, int n, fl
   const int K = A->K;
   const size_t rb = row_bytes(A);
   const char* wr = (const char*)A->w + n * rb;
+  const float bias = A->bias ? A->bias[n] : 0.f;
 #if defined(__AVX512F__) && PREFETCH_AHEAD > 0
   /* past the matrix's end this touches the next allocation or nothing: prefetches never fault */
   for (size_t off = 0; off < rb; off += 64) _mm_prefetch(wr + PREFETCH_AHEAD + off, _MM_HINT_T1);
@@ -366,22 +588,34 @@ static void row(const Mat* A, const float* x, const Acts* acts, int M, int n, fl
       const uint16_t* ws = (const uint16_t*)A->scale + (size_t)n * (K / A->group);
       s = dot_int4((const uint8_t*)wr, ws, A->group, acts->q + (size_t)m * K, acts->qs + (size_t)m * (K / Q4BLOCK),
                    acts->xc + (size_t)m * (K / 4), K);
-    } else if (use_q8(A)) {
-      s = dot_q8((const int8_t*)wr, acts->q + (size_t)m * K, acts->qs + (size_t)m * (K / QBLOCK), K) *
-          ((const float*)A->scale)[n];
+    } else if (use_q8(A)) { /* scale and bias with one rounding, as in tile_q8 */
+      y[(size_t)m * A->N + n] = fmaf(dot_q8((const int8_t*)wr, acts->q + (size_t)m * K,
+                                            acts->qs + (size_t)m * (K / QBLOCK), K), ((const float*)A->scale)[n], bias);
+      continue;
     } else {
       s = dot_row(A, wr, x + (size_t)m * K, acts, m);
       if (A->kind == W_INT8) s *= ((const float*)A->scale)[n];
     }
-    if (A->bias) s += A->bias[n];
-    y[(size_t)m * A->N + n] = s;
+    y[(size_t)m * A->N + n] = s + bias;
   }
 }
 
 /* y (M, N) = x (M, K) @ W^T (+ bias). Call from inside a parallel region: all threads must call it. */
 static void matmul(const Mat* A, const float* x, int M, float* y, Acts* acts) {
-  #pragma omp single
-  prepare(A, x, M, acts);
+  #pragma omp for schedule(static)
+  for (int m = 0; m < M; m++) prepare(A, x, m, acts);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (use_q8(A) || A->kind == W_INT4) { /* whole tiles, then the rows left over: a row always takes the same path */
+    const int tiles = A->N / TILE, rest = A->N % TILE;
+    #pragma omp for schedule(static)
+    for (int u = 0; u < tiles + rest; u++) {
+      if (u >= tiles) row(A, x, acts, M, tiles * TILE + u - tiles, y);
+      else if (A->kind == W_INT8) tile_q8(A, acts, M, u * TILE, y);
+      else tile_int4(A, acts, M, u * TILE, y);
+    }
+    return;
+  }
+#endif
   #pragma omp for schedule(static)
   for (int n = 0; n < A->N; n++) row(A, x, acts, M, n, y);
 }
@@ -421,8 +655,14 @@ void slm_widen(const Mat* A, int n0, int n1, float* out, int nthreads) {
 /* ---------------------------------------------------------------------------------------------------------------
  * One decode step of a dense pre-norm transformer (slmkit.model.GPT with full attention): GPT-2 style (learned or
  * sinusoidal positions, LayerNorm, GELU) or Llama style (RoPE, RMSNorm, SwiGLU, GQA), full or sliding-window
- * attention, dense or Mixture-of-Experts FFN, batch 1. The KV cache holds fp32, bf16, or int8 rows (one fp32 scale
- * per position and head, the row's largest |value| mapping to 127: slmkit.model.gpt.KVCache).
+ * attention, dense or Mixture-of-Experts FFN. The KV cache holds fp32, bf16, or int8 rows (one fp32 scale per
+ * position and head, the row's largest |value| mapping to 127: slmkit.model.gpt.KVCache).
+ *
+ * A step advances n sequences of one batch cache by one token each, every sequence at its own position (continuous
+ * batching: slmkit.infer.fused.BatchDecoder); batch-1 decoding is the case n = 1. The n activation rows go through
+ * each matmul together, so every weight is read from memory once per step, not once per sequence: decoding is bound
+ * by that traffic, and n sequences share it. Attention reads each sequence's own cache rows, so it is parallel over
+ * (sequence, head) pairs.
  */
 enum { POS_NONE = 0, POS_TABLE = 1, POS_ROPE = 2 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
@@ -430,8 +670,8 @@ enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
 typedef struct {
   const float *n1w, *n1b, *n2w, *n2b;
   Mat qkv, proj, fc, down; /* fc/down: the dense FFN (unused when E > 0) */
-  void *kc, *vc;  /* this layer's cache, (nkv, max_len, hd) of the model's kv kind */
-  float *ks, *vs; /* int8 cache: one scale per row, (nkv, max_len); else NULL */
+  void *kc, *vc;  /* this layer's cache, (S, nkv, max_len, hd) of the model's kv kind, S = the batch */
+  float *ks, *vs; /* int8 cache: one scale per row, (S, nkv, max_len); else NULL */
   int E, k;       /* Mixture-of-Experts FFN: E experts, k per token; 0 = dense */
   Mat router;
   const Mat *efc, *edown; /* E expert matrices each, laid out like fc/down */
@@ -445,11 +685,15 @@ typedef struct {
   const float *emb, *pos_table, *cos, *sin, *nfw, *nfb; /* emb (V, C); pos_table (block, C); cos/sin (block, hd) */
   Mat head;
   const Layer* layers;
-  /* scratch */
-  float *x, *xb, *qkv, *att, *hb, *scores; /* C, C, (nh + 2 nkv) hd, C, 2H, nh * max_len */
-  Acts acts;
-  float *eo, *ew; /* MoE: one expert's output (C); router probabilities then the k gates (E + k) */
-  int* esel;      /* MoE: the k chosen experts */
+  /* scratch for as many sequences per step as the cache holds (fused.py sizes it), per sequence: */
+  float *x, *xb, *qkv, *att, *hb, *ha; /* C, C, (nh + 2 nkv) hd, C, fc's outputs (2H SwiGLU, else H), H */
+  float* scores;                       /* nh * max_len */
+  Acts acts;                           /* max(C, H) */
+  /* MoE scratch, per sequence: router probabilities (E), gates (k), chosen experts (k); per (sequence, choice),
+     grouped by expert: the expert's input and output rows (C each), which (sequence, choice) each place holds, and
+     for each (sequence, choice) its place; estart (E + 1): where each expert's places begin */
+  float *ew, *eg, *xe, *eo;
+  int *esel, *epair, *eplace, *estart;
 } Model;
 
 /* Loads of 16 (AVX-512) or 8 (AVX2) cache values as fp32, from row storage of `kind` at element offset i. */
@@ -528,7 +772,8 @@ static void rope(const Model* m, float* v, int pos) { /* rotate-half layout (HF 
   }
 }
 
-/* Write one key or value row (hd values) at row r = group * max_len + position, as the cache stores it. */
+/* Write one key or value row (hd values) at row r = (slot * nkv + group) * max_len + position, as the cache stores
+   it. */
 static void kv_put(const Model* m, void* c, float* cs, size_t r, const float* x) {
   const int hd = m->hd;
   if (m->kv_kind == KV_BF16)
@@ -537,26 +782,24 @@ static void kv_put(const Model* m, void* c, float* cs, size_t r, const float* x)
   else memcpy((float*)c + r * hd, x, hd * sizeof(float));
 }
 
-/* Attention of one query head over cache positions t0..pos, the cache rows of `kind` (a constant in each call of
-   attend's switch, so each kind compiles to its own loops). */
-static inline __attribute__((always_inline)) void attend_kind(const Model* m, const Layer* L, int h, int t0, int pos,
+/* Attention of one query head q over cache rows r0 + t0 .. r0 + pos (r0: position 0 of its sequence and group),
+   the rows of `kind` (a constant in each call of attend's switch, so each kind compiles to its own loops); sc
+   (max_len) holds the scores, out (hd) receives the result. */
+static inline __attribute__((always_inline)) void attend_kind(const Model* m, const Layer* L, const float* q,
+                                                              size_t r0, int t0, int pos, float* sc, float* out,
                                                               int kind) {
-  const int hd = m->hd, g = h / (m->nh / m->nkv);
-  const float* q = m->qkv + (size_t)h * hd;
-  const size_t r0 = (size_t)g * m->max_len; /* row of position 0 in this group's cache */
+  const int hd = m->hd;
   const float *ks = L->ks ? L->ks + r0 : NULL, *vs = L->vs ? L->vs + r0 : NULL;
-  float* sc = m->scores + (size_t)h * m->max_len;
   const float scale = 1.f / sqrtf((float)hd);
   float mx = -INFINITY;
   for (int t = t0; t <= pos; t++) {
     sc[t] = dot_kv(q, kind, L->kc, (r0 + t) * hd, hd) * (kind == KV_INT8 ? ks[t] * scale : scale);
-    mx = fmaxf(mx, sc[t]);
+    mx = sc[t] > mx ? sc[t] : mx; /* not fmaxf: a library call per position here */
   }
   float sum = 0.f;
   for (int t = t0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
   /* int8 values: each position's weight carries its row scale */
   if (kind == KV_INT8) for (int t = t0; t <= pos; t++) sc[t] *= vs[t];
-  float* out = m->att + (size_t)h * hd;
 #if defined(__AVX512F__)
   if (hd % 16 == 0 && hd <= 256) { /* the output row stays in registers across positions */
     __m512 acc[16];
@@ -591,27 +834,31 @@ static inline __attribute__((always_inline)) void attend_kind(const Model* m, co
   }
 }
 
-/* Attention of one query head over cache positions 0..pos (the last m->window of them, if set). */
-static void attend(const Model* m, const Layer* L, int h, int pos) {
+/* Attention of query head h (q, hd values) of the sequence in cache slot `slot` over its positions 0..pos (the last
+   m->window of them, if set). */
+static void attend(const Model* m, const Layer* L, const float* q, int slot, int h, int pos, float* sc, float* out) {
   const int t0 = m->window > 0 && pos >= m->window ? pos - m->window + 1 : 0;
+  const size_t r0 = ((size_t)slot * m->nkv + h / (m->nh / m->nkv)) * m->max_len;
   switch (m->kv_kind) {
-    case KV_BF16: attend_kind(m, L, h, t0, pos, KV_BF16); break;
-    case KV_INT8: attend_kind(m, L, h, t0, pos, KV_INT8); break;
-    default: attend_kind(m, L, h, t0, pos, KV_F32);
+    case KV_BF16: attend_kind(m, L, q, r0, t0, pos, sc, out, KV_BF16); break;
+    case KV_INT8: attend_kind(m, L, q, r0, t0, pos, sc, out, KV_INT8); break;
+    default: attend_kind(m, L, q, r0, t0, pos, sc, out, KV_F32);
   }
 }
 
 static inline float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
-static void activate(const Model* m, float* h) { /* SwiGLU: silu(gate) * up, gate = first half; else GELU */
-  if (m->swiglu) for (int i = 0; i < m->H; i++) h[i] = silu(h[i]) * h[m->H + i];
-  else for (int i = 0; i < m->H; i++) h[i] = gelu(h[i]);
+/* One row of fc outputs h -> the H inputs of down, out. SwiGLU: silu(gate) * up, gate = the first half; else GELU.
+   A separate output row, so the rows of a batch stay contiguous for down (SwiGLU halves them). */
+static void activate(const Model* m, const float* h, float* out) {
+  if (m->swiglu) for (int i = 0; i < m->H; i++) out[i] = silu(h[i]) * h[m->H + i];
+  else for (int i = 0; i < m->H; i++) out[i] = gelu(h[i]);
 }
 
-/* Router logits (E) -> softmax probabilities, the top-k experts in `sel` (highest first) and their gates after the
-   probabilities: k = 1 keeps the probability itself, k > 1 renormalises the k to sum to 1 (slmkit.model.ffn.MoE). */
-static void route(const Layer* L, float* p, int* sel) {
+/* Router logits p (E) -> softmax probabilities, the top-k experts in `sel` (highest first) and their gates: k = 1
+   keeps the probability itself, k > 1 renormalises the k to sum to 1 (slmkit.model.ffn.MoE). */
+static void route(const Layer* L, float* p, int* sel, float* gate) {
   float mx = -INFINITY, sum = 0.f, top = 0.f;
   for (int e = 0; e < L->E; e++) mx = fmaxf(mx, p[e]);
   for (int e = 0; e < L->E; e++) { p[e] = expf(p[e] - mx); sum += p[e]; }
@@ -626,69 +873,120 @@ static void route(const Layer* L, float* p, int* sel) {
     sel[j] = best;
     top += p[best];
   }
-  for (int j = 0; j < L->k; j++) p[L->E + j] = L->k == 1 ? p[sel[j]] : p[sel[j]] / top;
+  for (int j = 0; j < L->k; j++) gate[j] = L->k == 1 ? p[sel[j]] : p[sel[j]] / top;
 }
 
-/* logits (V,) of the token after `token` at position `pos`; writes this position's keys/values into the cache. */
-void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) {
-  const int C = m->C, hd = m->hd;
-  memcpy(m->x, m->emb + (size_t)token * C, C * sizeof(float));
-  if (m->pos_kind == POS_TABLE)
-    for (int i = 0; i < C; i++) m->x[i] += m->pos_table[(size_t)pos * C + i];
+/* The MoE FFN of n rows (input m->xb), added to m->x. The (row, choice) pairs are grouped by expert, so each chosen
+   expert's weights are read once per step for all the rows that chose it, like a dense layer's. Each row then adds
+   its k expert outputs in its own choice order (highest gate first), the order of batch-1 decoding, so a row's
+   result does not depend on which other rows share the step. Call from inside a parallel region. */
+static void moe(Model* m, const Layer* L, int n) {
+  const int C = m->C, E = L->E, k = L->k, H = m->H;
+  matmul(&L->router, m->xb, n, m->ew, &m->acts);
+  #pragma omp for schedule(static)
+  for (int i = 0; i < n; i++) route(L, m->ew + (size_t)i * E, m->esel + (size_t)i * k, m->eg + (size_t)i * k);
+  #pragma omp single
+  { /* counting sort of the pairs by expert; within an expert, in row order */
+    int next[E];
+    for (int e = 0; e <= E; e++) m->estart[e] = 0;
+    for (int p = 0; p < n * k; p++) m->estart[m->esel[p] + 1]++;
+    for (int e = 0; e < E; e++) m->estart[e + 1] += m->estart[e];
+    for (int e = 0; e < E; e++) next[e] = m->estart[e];
+    for (int p = 0; p < n * k; p++) {
+      const int at = next[m->esel[p]]++;
+      m->epair[at] = p;
+      m->eplace[p] = at;
+    }
+  }
+  #pragma omp for schedule(static)
+  for (int at = 0; at < n * k; at++)
+    memcpy(m->xe + (size_t)at * C, m->xb + (size_t)(m->epair[at] / k) * C, C * sizeof(float));
+  for (int e = 0; e < E; e++) { /* every thread walks the same experts, in step */
+    const int p0 = m->estart[e], cnt = m->estart[e + 1] - p0;
+    if (cnt == 0) continue;
+    const Mat* fc = &L->efc[e];
+    matmul(fc, m->xe + (size_t)p0 * C, cnt, m->hb, &m->acts);
+    #pragma omp for schedule(static)
+    for (int i = 0; i < cnt; i++) activate(m, m->hb + (size_t)i * fc->N, m->ha + (size_t)i * H);
+    matmul(&L->edown[e], m->ha, cnt, m->eo + (size_t)p0 * C, &m->acts);
+  }
+  #pragma omp for schedule(static)
+  for (int i = 0; i < n; i++) {
+    float* x = m->x + (size_t)i * C;
+    for (int j = 0; j < k; j++) {
+      const float g = m->eg[i * k + j], *o = m->eo + (size_t)m->eplace[i * k + j] * C;
+      for (int c = 0; c < C; c++) x[c] += g * o[c];
+    }
+  }
+}
+
+/* One token for each of n sequences of the batch cache: tokens[i] at position pos[i] of the sequence in cache slot
+   slots[i] (distinct slots; n at most the cache's batch, what the scratch is sized for). Writes those positions'
+   keys/values into the cache and the next-token logits (n, V). */
+void slm_decode_batch(Model* m, int n, const int* tokens, const int* pos, const int* slots, float* logits,
+                      int nthreads) {
+  const int C = m->C, hd = m->hd, nh = m->nh, nkv = m->nkv, QKV = (nh + 2 * nkv) * hd;
+  for (int i = 0; i < n; i++) {
+    float* x = m->x + (size_t)i * C;
+    memcpy(x, m->emb + (size_t)tokens[i] * C, C * sizeof(float));
+    if (m->pos_kind == POS_TABLE)
+      for (int c = 0; c < C; c++) x[c] += m->pos_table[(size_t)pos[i] * C + c];
+  }
   #pragma omp parallel num_threads(nthreads)
   {
     for (int l = 0; l < m->n_layer; l++) {
       const Layer* L = &m->layers[l];
-      #pragma omp single
-      norm(m, m->x, L->n1w, L->n1b, m->xb);
-      matmul(&L->qkv, m->xb, 1, m->qkv, &m->acts);
-      #pragma omp single
-      {
-        float* k = m->qkv + (size_t)m->nh * hd;
-        float* v = k + (size_t)m->nkv * hd;
-        for (int g = 0; g < m->nkv; g++) {
-          if (m->pos_kind == POS_ROPE) rope(m, k + (size_t)g * hd, pos);
-          kv_put(m, L->kc, L->ks, (size_t)g * m->max_len + pos, k + (size_t)g * hd);
-          kv_put(m, L->vc, L->vs, (size_t)g * m->max_len + pos, v + (size_t)g * hd);
-        }
-      }
       #pragma omp for schedule(static)
-      for (int h = 0; h < m->nh; h++) {
-        if (m->pos_kind == POS_ROPE) rope(m, m->qkv + (size_t)h * hd, pos);
-        attend(m, L, h, pos);
+      for (int i = 0; i < n; i++) norm(m, m->x + (size_t)i * C, L->n1w, L->n1b, m->xb + (size_t)i * C);
+      matmul(&L->qkv, m->xb, n, m->qkv, &m->acts);
+      /* every key/value of this step is stored before any query reads the cache (the loop's closing barrier) */
+      #pragma omp for schedule(static)
+      for (int p = 0; p < n * nkv; p++) {
+        const int i = p / nkv, g = p % nkv;
+        float* k = m->qkv + (size_t)i * QKV + (size_t)(nh + g) * hd;
+        const float* v = k + (size_t)nkv * hd;
+        const size_t r = ((size_t)slots[i] * nkv + g) * m->max_len + pos[i];
+        if (m->pos_kind == POS_ROPE) rope(m, k, pos[i]);
+        kv_put(m, L->kc, L->ks, r, k);
+        kv_put(m, L->vc, L->vs, r, v);
       }
-      matmul(&L->proj, m->att, 1, m->xb, &m->acts);
-      #pragma omp single
-      {
-        for (int i = 0; i < C; i++) m->x[i] += m->xb[i];
-        norm(m, m->x, L->n2w, L->n2b, m->xb);
+      /* dynamic: the sequences' lengths, so the pairs' costs, differ */
+      #pragma omp for schedule(dynamic)
+      for (int p = 0; p < n * nh; p++) {
+        const int i = p / nh, h = p % nh;
+        float* q = m->qkv + (size_t)i * QKV + (size_t)h * hd;
+        if (m->pos_kind == POS_ROPE) rope(m, q, pos[i]);
+        attend(m, L, q, slots[i], h, pos[i], m->scores + (size_t)p * m->max_len, m->att + (size_t)i * C + h * hd);
+      }
+      matmul(&L->proj, m->att, n, m->xb, &m->acts);
+      #pragma omp for schedule(static)
+      for (int i = 0; i < n; i++) {
+        float *x = m->x + (size_t)i * C, *xb = m->xb + (size_t)i * C;
+        for (int c = 0; c < C; c++) x[c] += xb[c];
+        norm(m, x, L->n2w, L->n2b, xb);
       }
       if (L->E == 0) {
-        matmul(&L->fc, m->xb, 1, m->hb, &m->acts);
-        #pragma omp single
-        activate(m, m->hb);
-        matmul(&L->down, m->hb, 1, m->eo, &m->acts);
-        #pragma omp single
-        for (int i = 0; i < C; i++) m->x[i] += m->eo[i];
+        matmul(&L->fc, m->xb, n, m->hb, &m->acts);
+        #pragma omp for schedule(static)
+        for (int i = 0; i < n; i++) activate(m, m->hb + (size_t)i * L->fc.N, m->ha + (size_t)i * m->H);
+        matmul(&L->down, m->ha, n, m->xb, &m->acts);
+        #pragma omp for schedule(static)
+        for (int i = 0; i < n; i++)
+          for (int c = 0; c < C; c++) m->x[(size_t)i * C + c] += m->xb[(size_t)i * C + c];
       } else {
-        matmul(&L->router, m->xb, 1, m->ew, &m->acts);
-        #pragma omp single
-        route(L, m->ew, m->esel);
-        for (int j = 0; j < L->k; j++) { /* every thread walks the same k experts, in step */
-          const int e = m->esel[j];
-          matmul(&L->efc[e], m->xb, 1, m->hb, &m->acts);
-          #pragma omp single
-          activate(m, m->hb);
-          matmul(&L->edown[e], m->hb, 1, m->eo, &m->acts);
-          #pragma omp single
-          for (int i = 0; i < C; i++) m->x[i] += m->ew[L->E + j] * m->eo[i];
-        }
+        moe(m, L, n);
       }
-      #pragma omp single
-      if (l == m->n_layer - 1) norm(m, m->x, m->nfw, m->nfb, m->xb);
     }
-    matmul(&m->head, m->xb, 1, logits, &m->acts);
+    #pragma omp for schedule(static)
+    for (int i = 0; i < n; i++) norm(m, m->x + (size_t)i * C, m->nfw, m->nfb, m->xb + (size_t)i * C);
+    matmul(&m->head, m->xb, n, logits, &m->acts);
   }
+}
+
+/* Batch-1 decoding: logits (V,) of the token after `token` at position `pos` of cache slot 0. */
+void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) {
+  const int slot = 0;
+  slm_decode_batch(m, 1, &token, &pos, &slot, logits, nthreads);
 }
 
 /* Which instruction paths this build uses: 1 = int8 VNNI (int8 and int4 weights), 2 = bf16 dot products,
