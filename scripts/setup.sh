@@ -76,11 +76,14 @@ case "$job" in
     if [ ! -x "$server" ]; then
       echo "setup: building llama-server from the same llama.cpp source; takes several minutes" >&2
       tar -xzf "$sdist" -C "$src"
-      # static, no HTTPS (it only serves localhost here), the server target alone; CMAKE_ARGS: the AMX switch above
-      cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        ${CMAKE_ARGS:-} >/dev/null
-      nice -n 19 cmake --build "$src/build" --target llama-server -j "$(nproc)" >/dev/null
+      # static, no HTTPS (it serves localhost), the server target alone, CMAKE_ARGS (the AMX switch above); the
+      # compiler's many warnings go to a log, shown only if the build fails
+      if ! { cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release \
+               -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+               ${CMAKE_ARGS:-} && nice -n 19 cmake --build "$src/build" --target llama-server -j "$(nproc)"
+           } >"$src/build.log" 2>&1; then
+        tail -n 40 "$src/build.log" >&2; echo "setup: the llama-server build failed (its log's end above)" >&2; exit 1
+      fi
       mkdir -p "$(dirname "$server")"
       # copied then renamed: an interrupted build never leaves a half-written binary that the check above trusts
       cp "$src/build/bin/llama-server" "$server.tmp" && mv "$server.tmp" "$server" && echo "$cpu" > "$server.cpu"
