@@ -178,6 +178,17 @@ def features() -> set[str]:
     return {name for bit, name in names if bits & bit}
 
 
+_VNNI: tuple[object, bool] = (None, False)
+
+
+def has_vnni() -> bool:
+    """Whether the int8/int4 kernels use AVX-512 VNNI (features() has "vnni"), asked once per loaded library."""
+    global _VNNI
+    if _VNNI[0] is not _lib:
+        _VNNI = (_lib, "vnni" in features())
+    return _VNNI[1]
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 

@@ -28,6 +28,10 @@ WeightDtype = Literal["fp32", "bf16", "int8", "int4"]
 INT4_GROUPS = (32, 64, 128)
 INT4_BLOCK = 32  # nibble-packing block (Q4_0's): groups are whole blocks
 SMALL_BATCH = 16  # rows up to which the GEMV kernel beats widening + fp32 GEMM (the weights stay in cache per row)
+# With AVX-512 VNNI the int8/int4 kernels work on 16 weight rows at once, and they beat widening up to long prompts
+# (docs/benchmarks.md): prompts up to this many tokens (a server's prefill chunk) go through them, their activations
+# rounded to int8 blocks as decoding's are. Longer inputs (evaluation batches) keep exact fp32 activations.
+VNNI_BATCH = 256
 
 
 def quantize_rows(w: Tensor, dtype: WeightDtype, group: int = 32) -> tuple[Tensor, Tensor]:
@@ -94,7 +98,8 @@ def dequantize(weight: Tensor, scale: Tensor) -> Tensor:
 def _matmul(x2: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x2 (M, K) @ dequantize(weight, scale)ᵀ + bias → (M, N)."""
     if x2.dtype == torch.float32 and weight.dtype in kernels.KINDS and kernels.available():
-        if x2.shape[0] <= SMALL_BATCH:
+        vnni = weight.dtype in (torch.int8, torch.uint8) and kernels.has_vnni()
+        if x2.shape[0] <= (VNNI_BATCH if vnni else SMALL_BATCH):
             return kernels.matmul(x2, weight, scale, bias)
         return kernels.widened_matmul(x2, weight, scale, bias)
     w = dequantize(weight, scale).to(x2.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from test_kernels import CONFIGS, _cpu_has, _fused_logits, _model, use_build  # tests/infer is on sys.path
 
 from slmkit.compress import quantize
-from slmkit.infer import kernels
+from slmkit.infer import kernels, quantized
 from slmkit.infer.engine import SamplingParams, generate
 from slmkit.infer.quantized import QuantExperts, QuantLinear, dequantize, quantize_int4, unpack_int4
 
@@ -128,9 +128,10 @@ def test_widening_for_prefill_is_exactly_dequantize(variant, monkeypatch):
     for w, s in ((packed, scale), (q8, s8), (torch.randn(37, 128).bfloat16(), None)):
         widened = kernels.widened_matmul(torch.eye(128), w, s)
         assert torch.equal(widened, dequantize(w, torch.ones(37) if s is None else s).T)
-    x, b = _acts(40, 128, seed=3), torch.randn(37)
+    x, b = _acts(quantized.VNNI_BATCH + 24, 128, seed=3), torch.randn(37)  # more rows than any kernel path takes
     lin = QuantLinear(packed, scale, b)
-    torch.testing.assert_close(lin(x), F.linear(x, dequantize(packed, scale), b), rtol=1e-5, atol=1e-5)
+    # GEMM blockings differ in summation order only (~1e-5 here); rounded activations would be off by ~1e-2
+    torch.testing.assert_close(lin(x), F.linear(x, dequantize(packed, scale), b), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_int4_weights_are_refused():

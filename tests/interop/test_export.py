@@ -16,6 +16,7 @@ from slmkit.cli import main
 from slmkit.compress.stage import quantize_run
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
+from slmkit.interop.weights import dense_model
 from slmkit.model import GPT
 from slmkit.run import read_meta
 from slmkit.tokenizer import Tokenizer
@@ -107,9 +108,9 @@ def test_a_quantized_run_exports_dequantized_to_hf(ckpt, tmp_path):
     q = quantize_run(ckpt, tmp_path / "q4", weights="int4")
     llm = LLM.load(q)
     out = llm.export("hf", tmp_path / "hf")
-    ids = torch.tensor([[1, 5, 9, 33, 2] * 5])  # 25 rows: the widened (exact dequantize) path, not the int8-acts kernel
-    with torch.no_grad():
-        ours = llm.model(ids)[0][0]
+    ids = torch.tensor([[1, 5, 9, 33, 2] * 5])
+    with torch.no_grad():  # the dequantized model: what the export holds (the kernels would round activations)
+        ours = dense_model(llm.model)(ids)[0][0]
     torch.testing.assert_close(_hf_logits(out, ids), ours, atol=1e-4, rtol=1e-4)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False  # the head has its own copy
     assert read_meta(out)["lineage"]["parent"]["kind"] == "quantize"
