@@ -31,6 +31,7 @@ examples:
   slm finetune runs/smollm2 --data shakespeare --method lora --max-time 10m --out runs/smollm2-shk   # adapt to a domain
   slm finetune runs/smollm2 --data bbc-news --task classify --max-steps 300 --out runs/bbc-clf
   slm classify runs/bbc-clf "Shares fell sharply in early trading."   # label + probabilities
+  slm distill --teacher runs/smollm2 --student llama-3m --data runs/data/shk-smol --max-time 10m --out runs/d3m
 """
 
 MORE_EXAMPLES = """\
@@ -48,11 +49,18 @@ MORE_EXAMPLES = """\
   slm quantize runs/shk-small --weights int4 --method gptq --out runs/shk-gptq   # calibrated on its training data
   slm quantize runs/smollm2 --weights int8 --out runs/smollm2-int8
   slm eval runs/shk-int4 --kl-to parent   # bpb and KL divergence from the model it was quantized from
+  slm prune runs/shk-small --method wanda --sparsity 0.5 --out runs/shk-wanda50   # half the weights zero, stored sparse
+  slm prune runs/shk-small --method channels --sparsity 0.3 --heal 5m --out runs/shk-c30   # smaller, faster, healed
+  slm factorize runs/shk-small --energy 0.9 --heal 5m --out runs/shk-svd   # truncated SVD into low-rank layers
   slm finetune runs/smollm2 --data chats.jsonl --task chat --lora-rank 16 --max-steps 500 --out runs/smollm2-chat
   slm finetune runs/shk-small --data bbc-news --task classify --method frozen --max-steps 200 --out runs/shk-clf
   slm finetune runs/smollm2 --data runs/data/notes --method full --grad-checkpoint --max-time 30m --out runs/sm-notes
   slm finetune runs/smollm2 --data shakespeare --adapter-only --base-weights int8 --max-time 10m --out runs/sm-lora
   slm finetune --resume runs/smollm2-shk --max-time 20m   # continue with a longer budget
+  slm data prepare --corpus shakespeare --tokenizer runs/smollm2/tokenizer.json --out runs/data/shk-smol   # teacher's
+  slm distill --teacher runs/smollm2 --student llama-3m --data runs/data/shk-smol --loss fkl --max-time 5m --out runs/df
+  slm distill --teacher runs/smollm2 --student runs/d3m --data runs/data/shk-smol --max-steps 500 --out runs/d3m-more
+  slm distill --resume runs/d3m --max-time 20m   # continue with a longer budget
 """
 
 
@@ -235,6 +243,55 @@ def cmd_quantize(a: argparse.Namespace) -> None:
           f"{bits_text(meta['storage'])}; model.safetensors {size / 1e6:.1f} MB → {out}")
 
 
+def _compressed_summary(out: Path, meta: dict[str, Any], what: str) -> None:
+    """The lines `slm prune`/`slm factorize` print: parameters and file size against the parent's, the heal, and
+    the quick comparison with the parent on its held-out data."""
+    parent = Path(meta["lineage"]["parent"]["path"])
+    n, n0 = meta["counts"]["total"], meta["parent_counts"]["total"]
+    mb, mb0 = ((d / "model.safetensors").stat().st_size / 1e6 for d in (out, parent))
+    nonzero = f", {meta['nonzero'] / 1e6:.2f}M non-zero" if meta.get("nonzero", n) != n else ""
+    print(f"{what}: {n / 1e6:.2f}M parameters{nonzero} (parent {n0 / 1e6:.2f}M); model.safetensors {mb:.1f} MB "
+          f"(parent {mb0:.1f} MB) → {out}")
+    if meta.get("heal"):
+        h = meta["heal"]
+        print(f"healed {h['steps']} steps in {h['seconds']:.0f}s: val {h['before']['val_bpb']:.4f} → "
+              f"{meta['quality']['val_bpb']:.4f} bpb")
+    if meta.get("quality"):
+        q = meta["quality"]
+        print(f"on {q['tokens']:,} held-out tokens: {q['val_bpb']:.4f} bpb (parent {q['parent_val_bpb']:.4f}), KL to "
+              f"the parent {q['kl_to_parent']:.4f} nats/token; slm eval {out} --kl-to parent measures more")
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    from slmkit.compress.prune import prune_run
+    from slmkit.run import read_meta
+
+    out = prune_run(a.run, a.out, method=a.method, sparsity=a.sparsity, score=a.score, calib=a.calib,
+                    calib_samples=a.calib_samples, calib_len=a.calib_len, heal=a.heal, heal_data_dir=a.heal_data,
+                    heal_kl=a.heal_kl, heal_lr=a.heal_lr, overwrite=a.overwrite, progress=not a.quiet)
+    meta = read_meta(out)
+    p = meta["pruning"]
+    if p["structure"] == "unstructured":
+        how = f"{100 * p['sparsity']:.1f} % of the block weights zeroed, stored {meta['storage']['format']}"
+    else:
+        field = "mlp_hidden" if p["structure"] == "channels" else "n_layer"
+        how = f"{'FFN channels' if field == 'mlp_hidden' else 'layers'} {p[field][0]} → {p[field][1]}"
+    _compressed_summary(out, meta, f"pruned {a.run} by {a.method} in {meta['prune_time']:.1f}s ({how})")
+
+
+def cmd_factorize(a: argparse.Namespace) -> None:
+    from slmkit.compress.factorize import factorize_run
+    from slmkit.run import read_meta
+
+    out = factorize_run(a.run, a.out, rank=a.rank, energy=a.energy, heal=a.heal, heal_data_dir=a.heal_data,
+                        heal_kl=a.heal_kl, heal_lr=a.heal_lr, overwrite=a.overwrite, progress=not a.quiet)
+    meta = read_meta(out)
+    f = meta["factorization"]
+    least = min(f["energy_kept"].values())
+    _compressed_summary(out, meta, f"factorised {a.run} to rank {f['rank']} in {meta['factorize_time']:.1f}s "
+                                   f"({f['layers']} layers, each keeping ≥ {100 * least:.1f} % of its Σσ²)")
+
+
 def _finetune_configs(a: argparse.Namespace) -> tuple[Any, Any]:
     from slmkit.config import TrainConfig, coerce_overrides
     from slmkit.finetune import FinetuneConfig, default_train_config
@@ -291,6 +348,61 @@ def cmd_classify(a: argparse.Namespace) -> None:
     for p in clf.predict(texts):
         ranked = sorted(p.probs.items(), key=lambda kv: -kv[1])[: a.top]
         print(f"{p.label}\t" + "  ".join(f"{label} {prob:.3f}" for label, prob in ranked))
+
+
+def _distill_configs(a: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The student (a preset name, its ModelConfig when --set changes model fields, or a run), DistillConfig and
+    TrainConfig of `slm distill`'s flags."""
+    from slmkit.config import PRESETS, ModelConfig, TrainConfig, coerce_overrides
+    from slmkit.distill import DistillConfig
+
+    fields = DistillConfig().to_dict()
+    dc_sets = [s for s in a.set or [] if s.partition("=")[0].strip() in fields]
+    model_sets, train_sets = _split_sets([s for s in a.set or [] if s not in dc_sets], ModelConfig, TrainConfig,
+                                         "; `slm presets` lists the models")
+    flags = {k: getattr(a, k) for k in DISTILL_FLAGS if getattr(a, k, None) is not None}
+    dc = DistillConfig.from_dict({**flags, **coerce_overrides(DistillConfig, dc_sets)})
+    train_flags = {k: getattr(a, k) for k in DISTILL_TRAIN_FLAGS if getattr(a, k, None) is not None}
+    tc = TrainConfig().replace(**train_flags, **coerce_overrides(TrainConfig, train_sets))
+    student: Any = a.student
+    if model_sets:
+        if a.student not in PRESETS:
+            raise SlmError(f"--set {model_sets[0]} changes a model preset; --student {a.student} is a run, whose "
+                           f"model is fixed")
+        student = ModelConfig.preset(a.student).replace(**coerce_overrides(ModelConfig, model_sets))
+    return student, dc, tc
+
+
+def cmd_distill(a: argparse.Namespace) -> None:
+    from slmkit.config import TrainConfig
+    from slmkit.distill import distill
+    from slmkit.run import read_meta
+
+    if a.resume:
+        # a resumed run keeps its teacher, student, data, cache and recipe: only the budget and threads may change
+        fixed = [f"--{k.replace('_', '-')}" for k in ("teacher", "student", "data", "out", "cache", "set", "overwrite",
+                                                       *DISTILL_FLAGS, *DISTILL_TRAIN_FLAGS)
+                 if getattr(a, k, None) not in (None, False) and k not in TrainConfig.RESUMABLE]
+        if fixed:
+            raise SlmError(f"--resume continues {a.resume} with its own teacher, student, data and recipe, so "
+                           f"{', '.join(fixed)} cannot be given with it; only --max-time, --max-steps and --threads "
+                           f"can change")
+        flags = {k: getattr(a, k) for k in TrainConfig.RESUMABLE if getattr(a, k, None) is not None}
+        saved = TrainConfig.from_dict(read_meta(a.resume, kinds=("distill",))["train"])
+        res = distill(None, None, None, a.resume, train_config=saved.replace(**flags) if flags else None, resume=True,
+                      progress=not a.quiet)
+    else:
+        if not a.teacher or not a.student or not a.data or not a.out:
+            raise SlmError("slm distill needs --teacher RUN, --student PRESET|RUN, --data DIR and --out DIR (or "
+                           "--resume RUN)")
+        student, dc, tc = _distill_configs(a)
+        res = distill(a.teacher, student, a.data, a.out, dc, tc, cache=a.cache, overwrite=a.overwrite,
+                      progress=not a.quiet)
+    r = res.train
+    print(f"{r.status}: step {r.step}, {r.tokens:,} tokens ({res.epochs:.2f} passes over the cached windows); "
+          f"{r.train_time:.0f}s training ({r.tokens_per_s:,.0f} tok/s) + {r.eval_time:.0f}s evaluation, teacher "
+          f"cache {res.teacher_time:.0f}s ({res.cache}); val loss {r.val_loss:.4f} nats/token, {r.val_bpb:.4f} bpb "
+          f"→ {r.run_dir}")
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -417,6 +529,9 @@ FINETUNE_TRAIN_FLAGS = ("max_steps", "max_time", "lr", "batch_size", "grad_accum
                         "precision", "threads", "seed", "eval_interval", "ckpt_interval")
 FINETUNE_FLAGS = ("task", "method", "lora_rank", "lora_alpha", "lora_dropout", "base_weights", "seq_len", "patience",
                   "val_fraction", "grad_checkpoint")
+# DistillConfig fields `slm distill` takes as flags; TrainConfig fields (all of slm train's but --compile)
+DISTILL_FLAGS = ("loss", "alpha", "temperature", "top_k", "hidden_match", "windows")
+DISTILL_TRAIN_FLAGS = tuple(k for k in TRAIN_FLAGS if k != "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -506,6 +621,40 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--out", required=True, help="checkpoint directory to create")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing --out that slmkit wrote")
 
+    pn = add("prune", cmd_prune, "prune a model: zero weights (stored sparse) or remove FFN channels or layers")
+    pn.add_argument("run", help="run or checkpoint directory to prune (native or imported)")
+    pn.add_argument("--method", required=True, metavar="METHOD",
+                    help="magnitude | wanda | nm:N:M (keep N of every M inputs, e.g. nm:2:4): zeros in the matrices; "
+                         "channels | layers: a smaller dense model that decodes faster")
+    pn.add_argument("--sparsity", type=float,
+                    help="share removed, in [0, 1): of each matrix's weights (magnitude, wanda), of the FFN channels "
+                         "(channels) or of the layers (layers); N:M sets its own")
+    pn.add_argument("--score", choices=["wanda", "magnitude"], default="wanda",
+                    help="what ranks the weights of an N:M group (default wanda: |W| x input norm)")
+    pn.add_argument("--calib", metavar="SET",
+                    help="calibration text for wanda/nm/channels/layers, named like slm eval --lm (default: the run's "
+                         "own training data)")
+    pn.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    pn.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    fz = add("factorize", cmd_factorize, "replace each block projection by its truncated SVD (low-rank layers)")
+    fz.add_argument("run", help="run or checkpoint directory to factorise (native or imported)")
+    rank = fz.add_mutually_exclusive_group(required=True)
+    rank.add_argument("--rank", type=int, help="rank of every factorised projection")
+    rank.add_argument("--energy", type=float,
+                      help="the smallest rank keeping this share of every layer's squared singular values, e.g. 0.9")
+    for sp in (pn, fz):
+        sp.add_argument("--heal", metavar="DURATION",
+                        help="then train the smaller model for this long (e.g. 5m), distilled from its parent")
+        sp.add_argument("--heal-data", metavar="DIR",
+                        help="data to heal on, prepared with the model's tokenizer (default: the parent's own)")
+        sp.add_argument("--heal-kl", type=float, default=0.5,
+                        help="share of the healing loss that is KL to the parent's logits; the rest is "
+                             "cross-entropy on the text (default 0.5)")
+        sp.add_argument("--heal-lr", type=float, default=1e-3, help="peak learning rate of healing (default 1e-3)")
+        sp.add_argument("--out", required=True, help="checkpoint directory to create")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing --out that slmkit wrote")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
     ft = add("finetune", cmd_finetune,
              "adapt a model to a corpus (lm), a labelled corpus (classify) or conversations (chat): full or LoRA")
     ft.add_argument("run", nargs="?", help="the model to fine-tune: run, checkpoint, imported or fine-tuned model")
@@ -545,6 +694,37 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("text", nargs="+", help="texts to label (\\n, \\t are read as escapes)")
     cl.add_argument("--top", type=int, default=5, help="probabilities shown per text (default 5)")
     cl.add_argument("--threads", type=int)
+
+    ds = add("distill", cmd_distill,
+             "train a student model on a teacher's next-token distributions (knowledge distillation)")
+    ds.add_argument("--teacher", metavar="RUN", help="the teacher: a run, checkpoint, imported or fine-tuned model")
+    ds.add_argument("--student", metavar="PRESET|RUN",
+                    help="a model preset, built with the teacher's vocabulary (--set changes its fields), or a run to "
+                         "continue from; either way it shares the teacher's tokenizer")
+    ds.add_argument("--data", help="a data directory prepared with the teacher's tokenizer (slm data prepare "
+                                   "--tokenizer TEACHER/tokenizer.json)")
+    ds.add_argument("--out", help="run directory to create")
+    ds.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    ds.add_argument("--loss", choices=["fkl", "rkl", "mix"],
+                    help="fkl: KL(teacher||student); rkl: KL(student||teacher); mix (default): alpha x fkl + "
+                         "(1 - alpha) x hard-label cross-entropy. KL terms are scaled by T^2")
+    ds.add_argument("--alpha", type=float, help="mix: weight of the KL term (default 0.5)")
+    ds.add_argument("--temperature", type=float, help="softens both distributions (default 1)")
+    ds.add_argument("--top-k", type=int, help="teacher tokens cached per position (default 64)")
+    ds.add_argument("--hidden-match", action="store_const", const=True,
+                    help="also match the final hidden states through a learned projection (caches the teacher's)")
+    ds.add_argument("--windows", type=int,
+                    help="train windows to cache and train on (default: every non-overlapping window)")
+    ds.add_argument("--cache", metavar="DIR",
+                    help="teacher cache directory (default DATA/teacher-cache/<key>: every student of the same "
+                         "teacher, data and settings reuses it)")
+    for name in DISTILL_TRAIN_FLAGS:
+        ds.add_argument("--" + name.replace("_", "-"), dest=name, **TRAIN_FLAGS[name])
+    ds.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="override a DistillConfig, TrainConfig or (for a preset student) ModelConfig field, e.g. "
+                         "--set hidden_weight=0.1 --set n_layer=4")
+    ds.add_argument("--overwrite", action="store_true", help="replace an existing --out that slmkit wrote")
+    ds.add_argument("--quiet", action="store_true", help="no progress bars")
 
     imp_parser = sub.add_parser("import", help="turn a GGUF file or transformers checkpoint into an slmkit checkpoint")
     imp = imp_parser.add_subparsers(dest="import_cmd", required=True, metavar="FORMAT")
@@ -608,7 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SLM_API_KEY)")
     sv.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
-    sv.add_argument("--threads", type=int, help="CPU threads for decoding (default: all cores)")
+    sv.add_argument("--threads", type=int,
+                    help="CPU threads for decoding (default: the cores less one, which the HTTP side needs)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     ev = add("eval", cmd_eval, "measure a run: bits per byte on held-out text, multiple-choice tasks, efficiency")

@@ -26,10 +26,14 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, weights
           kv_cache: str = "fp32", api_key: str | None = None, max_batch: int = 8, ctx: int | None = None,
           threads: int | None = None, max_queue: int = 64, max_tokens: int = 4096, timeout: float = 600.0,
           max_body: int = 1 << 20, model_name: str | None = None, log_level: str = "info") -> None:
-    """Load `run` and serve it until interrupted. `api_key` defaults to the SLM_API_KEY environment variable."""
+    """Load `run` and serve it until interrupted. `api_key` defaults to the SLM_API_KEY environment variable.
+
+    `threads` (the decode step's) defaults to one less than the cores: the HTTP event loop needs a core of its own,
+    and a decode step whose threads share cores with it stalls at every barrier (docs/benchmarks.md)."""
     import uvicorn
 
     from slmkit.api import LLM
+    from slmkit.runtime import available_cores
 
     for name, value in (("port", port), ("max_tokens", max_tokens), ("max_body", max_body)):
         if value < 1 or (name == "port" and value > 65535):
@@ -37,7 +41,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, weights
     if timeout <= 0:
         raise SlmError(f"timeout={timeout} must be > 0 seconds")
     api_key = api_key if api_key is not None else os.environ.get("SLM_API_KEY") or None
-    llm = LLM.load(run, threads=threads, weights=weights)  # type: ignore[arg-type]
+    llm = LLM.load(run, threads=threads or max(1, available_cores() - 1), weights=weights)  # type: ignore[arg-type]
     engine = Engine(llm, max_batch=max_batch, max_len=ctx, max_queue=max_queue, kv=kv_cache)
     name = model_name or Path(run).resolve().name
     app = create_app(engine, model_name=name, api_key=api_key, max_body=max_body, max_tokens=max_tokens,
