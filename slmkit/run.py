@@ -39,8 +39,11 @@ KINDS = {
     "quantize": "a quantized checkpoint (slm quantize)",
     "export": "a model exported for another runtime (slm export: transformers, GGUF, ONNX)",
     "finetune": "a model fine-tuned from another (slm finetune: continued pretraining, LoRA, classify, chat)",
+    "distill": "a student model distilled from a teacher (slm distill)",
+    "prune": "a pruned model (slm prune: zeroed weights stored sparse, or fewer channels/layers)",
+    "factorize": "a model with low-rank factorised projections (slm factorize)",
 }
-MODEL_KINDS = ("train", "ngram", "import", "checkpoint", "quantize", "finetune")
+MODEL_KINDS = ("train", "ngram", "import", "checkpoint", "quantize", "finetune", "distill", "prune", "factorize")
 
 
 def now() -> str:

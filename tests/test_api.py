@@ -1,7 +1,7 @@
 """The Python API: a small, exact public surface and `LLM` generation with streaming and stop strings."""
 
 import pytest
-from conftest import WORDS
+from tests.conftest import WORDS
 
 import slmkit
 from slmkit import LLM, ModelConfig, TrainConfig, train

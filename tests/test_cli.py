@@ -15,7 +15,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_prepare_train_generate_resume(tmp_path, capsys):
-    from conftest import make_corpus
+    from tests.conftest import make_corpus
 
     corpus = make_corpus(tmp_path / "corpus")
     data, run = str(tmp_path / "data"), str(tmp_path / "run")
@@ -74,7 +74,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, tiny_data, args, needle):
 
 
 def test_existing_out_is_refused(tmp_path, capsys):
-    from conftest import make_corpus
+    from tests.conftest import make_corpus
 
     corpus = str(make_corpus(tmp_path / "c"))
     (tmp_path / "taken").mkdir()
@@ -124,7 +124,7 @@ def test_stop_escapes_are_read_as_characters():
     ["quickstart", "--out", "{out}", "--max-time", "1s"],
 ])
 def test_overwrite_never_deletes_a_directory_slmkit_did_not_write(tmp_path, capsys, tiny_data, command):
-    from conftest import make_corpus
+    from tests.conftest import make_corpus
 
     corpus = make_corpus(tmp_path / "corpus")
     home = tmp_path / "home"  # say, a typo'd --out

@@ -21,7 +21,7 @@ ROOT = Path(slmkit.__file__).parent
 LAYERS = (
     ("errors",), ("fsutil", "versions"), ("runtime",), ("config",), ("run",), ("metrics", "sampling"),
     ("tokenizer",), ("data",), ("model",), ("checkpoint",), ("train",), ("infer",), ("compress",), ("finetune",),
-    ("interop",), ("api",), ("eval",), ("recipes",), ("serve",), ("cli", "__main__", "__init__"),
+    ("distill",), ("interop",), ("api",), ("eval",), ("recipes",), ("serve",), ("cli", "__main__", "__init__"),
 )
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from slmkit import checkpoint, run
+from slmkit.compress import sparse
 from slmkit.compress.quantize import quantize
 from slmkit.config import ModelConfig
 from slmkit.data import load_split
@@ -116,17 +118,8 @@ def quantize_run(
     for name, value in (("calib_samples", calib_samples), ("calib_len", calib_len)):
         if value < 1:
             raise SlmError(f"{name}={value} must be >= 1")
-    src, out = Path(src), Path(out)
-    kind = run.kind_of(src)
-    if kind == "ngram":
-        raise SlmError(f"{src} is an n-gram model: it has counts, not weights to quantize")
-    ckpt_dir = checkpoint.resolve(src)
-    if run.kind_of(ckpt_dir) == "quantize":
-        raise SlmError(f"{src} is already quantized; quantize its parent (meta.json lineage) instead")
-    run.check_out(out, overwrite=overwrite, inputs=(src,))
-    ck = checkpoint.load(ckpt_dir)
-    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
-    parent_meta = {**(run.read_meta(run_dir) if run_dir != ckpt_dir and run.kind_of(run_dir) else {}), **ck.meta}
+    ck, parent_meta = load_parent(src, out, overwrite=overwrite, action="quantize")
+    ckpt_dir = ck.path
     model, cal_about = ck.model, None
     n = model.num_params  # the fp32 model's counts, for reports (packed weights are buffers, not parameters)
     counts = {"total": n(), "active": n(active=True), "non_embedding": n(non_embedding=True)}
@@ -147,11 +140,36 @@ def quantize_run(
                         quantization=recipe, storage=storage(model), quantize_time=round(seconds, 3), counts=counts,
                         params=parent_meta.get("params"), data=parent_meta.get("data"),
                         data_meta=parent_meta.get("data_meta"))
+    return write_run(out, lambda tmp: checkpoint.write_model(tmp, model), ck.tokenizer, meta)
+
+
+def load_parent(src: str | Path, out: str | Path, *, overwrite: bool,
+                action: str) -> tuple[checkpoint.Checkpoint, dict[str, Any]]:
+    """The fp32 checkpoint at `src` (a run's latest) that a compression stage will `action` into `out`, and its
+    meta.json over its run's (where the training data and params are recorded). Refuses an n-gram model, a
+    quantized checkpoint (its fp32 weights are gone) and an `out` that may not be written (slmkit.run.check_out),
+    before anything is read. A pruned checkpoint's sparse tensors are decoded."""
+    src, out = Path(src), Path(out)
+    if run.kind_of(src) == "ngram":
+        raise SlmError(f"{src} is an n-gram model: it has counts, not weights to {action}")
+    ckpt_dir = checkpoint.resolve(src)
+    if run.kind_of(ckpt_dir) == "quantize":
+        raise SlmError(f"{src} is already quantized; {action} its parent (meta.json lineage) instead")
+    run.check_out(out, overwrite=overwrite, inputs=(src,))
+    ck = sparse.load(ckpt_dir)
+    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
+    parent_meta = {**(run.read_meta(run_dir) if run_dir != ckpt_dir and run.kind_of(run_dir) else {}), **ck.meta}
+    return ck, parent_meta
+
+
+def write_run(out: Path, write_model: Callable[[Path], object], tokenizer: Tokenizer, meta: dict[str, Any]) -> Path:
+    """A compressed checkpoint directory: `write_model(dir)` writes the weights and config.json, then the tokenizer
+    and meta.json; assembled under a temporary name and renamed into place (replacing what check_out allowed)."""
     with atomic_dir(out, overwrite=True) as tmp:
-        checkpoint.write_model(tmp, model)
-        ck.tokenizer.save(tmp / "tokenizer.json")
+        write_model(tmp)
+        tokenizer.save(tmp / "tokenizer.json")
         run.write_meta(tmp, meta)
-    return out
+    return Path(out)
 
 
 def load_quantized(ckpt: str | Path) -> GPT:

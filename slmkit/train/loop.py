@@ -16,13 +16,14 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from slmkit import checkpoint, run
 from slmkit.config import ModelConfig, TrainConfig
@@ -121,6 +122,30 @@ class TrainResult:
     wall_time: float = 0.0  # seconds of this invocation, start to finish: set-up, training, evaluation, checkpoints
 
 
+@dataclass
+class Objective:
+    """What a stage built on this loop changes in it (slm distill), decided above the loop; the loop stays the same.
+
+    Batches come from `batches` (anything with next(), state() and load_state(), like Batcher: its state goes into
+    each checkpoint) and `loss(model, batch)` replaces the next-token cross-entropy. `extra` holds trainable modules
+    that are not part of the model (a projection for hidden-state matching): optimized with it and kept in each
+    checkpoint's optimizer.pt for resume, never in the model written. `init` is a state dict the model starts from
+    instead of its random init. The run's meta.json gets kind `kind`, and `meta` (e.g. its lineage) replaces or adds
+    fields.
+    """
+
+    kind: str
+    batches: Any
+    loss: Callable[[nn.Module, Any], Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    extra: nn.Module | None = None
+    init: dict[str, Tensor] | None = None
+
+
+def _next_token_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return model(*batch)[1]
+
+
 def _progress_bar(enabled: bool) -> Any:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -193,6 +218,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train a model on prepared shards (`slm data prepare`) and write a run directory.
 
@@ -201,7 +227,8 @@ def train(
 
     On resume, the model, data and train config come from the run; a given `train_config` may change only its budget
     and threads (TrainConfig.RESUMABLE: a longer max_time/max_steps), and the change is recorded in meta.json.
-    `overwrite` replaces an existing `out` only if slmkit wrote it (slmkit.run.check_out).
+    `overwrite` replaces an existing `out` only if slmkit wrote it (slmkit.run.check_out). `objective` changes the
+    batches, loss, starting weights and run kind (slm distill; see Objective); a resumed run needs the same one again.
     """
     wall_t0 = time.perf_counter()
     out = Path(out)
@@ -212,7 +239,7 @@ def train(
     if resume:
         if model_config is not None or data is not None:
             raise SlmError("a resumed run keeps its model and data; drop the model config and data")
-        run_meta = run.read_meta(out, kinds=("train",))
+        run_meta = run.read_meta(out, kinds=(objective.kind if objective is not None else "train",))
         ckpts = checkpoint.list_checkpoints(out)
         if not ckpts:
             raise SlmError(f"cannot resume {out}: it has no checkpoint yet (it stopped before its first one); "
@@ -242,11 +269,20 @@ def train(
 
     torch.manual_seed(tc.seed)
     model = GPT(model_config)
-    optimizer = build_optimizer(model.param_groups(tc.weight_decay), tc)
-    batcher = Batcher(train_shard.tokens, tc.batch_size, T, tc.seed)
+    if objective is not None and objective.init is not None:
+        model.load_state_dict(objective.init)
+    extra = objective.extra if objective is not None else None
+    groups = model.param_groups(tc.weight_decay)
+    if extra is not None:
+        groups.append({"params": list(extra.parameters()), "weight_decay": tc.weight_decay, "kind": "embedding"})
+    optimizer = build_optimizer(groups, tc)
+    batcher = objective.batches if objective is not None else Batcher(train_shard.tokens, tc.batch_size, T, tc.seed)
+    loss_of = objective.loss if objective is not None else _next_token_loss
     step, tokens_seen, train_time = 0, 0, 0.0
     if resume_from is not None:
         checkpoint.load_weights(model, resume_from / "model.safetensors")
+        if extra is not None:
+            extra.load_state_dict(opt_state["extra"])
         optimizer.load_state_dict(opt_state["optimizer"])
         torch.set_rng_state(opt_state["torch_rng"])
         batcher.load_state(state["batcher"])
@@ -288,6 +324,8 @@ def train(
                   eval_windows * FINAL_EVAL_FACTOR, "block_size": T},
             status="running",
         )
+        if objective is not None:  # its kind, lineage and own fields
+            run_meta.update(kind=objective.kind, **objective.meta)
     run.write_meta(out, run_meta)
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
 
@@ -319,7 +357,8 @@ def train(
         }
         checkpoint.save(
             checkpoint.step_dir(out, step), model, tokenizer, meta,
-            optimizer_state={"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+            optimizer_state={"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                             **({"extra": extra.state_dict()} if extra is not None else {})},
             trainer_state={"step": step, "tokens": tokens_seen, "train_time": train_time,
                            "batcher": batcher.state()},
         )
@@ -363,9 +402,9 @@ def train(
             set_lr(optimizer, tc, lr)
             loss_sum.zero_()
             for _ in range(tc.grad_accum):
-                x, y = batcher.next()
+                batch = batcher.next()
                 with autocast(precision):
-                    _, loss = forward(x, y)
+                    loss = loss_of(forward, batch)
                 aux = model.aux_loss  # MoE load balancing (None when dense): trained on, never reported as the loss
                 ((loss if aux is None else loss + aux) / tc.grad_accum).backward()
                 loss_sum += loss.detach()

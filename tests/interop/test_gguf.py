@@ -13,7 +13,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from conftest import WORDS  # noqa: E402
+from tests.conftest import WORDS  # noqa: E402
 
 from slmkit import LLM  # noqa: E402
 from slmkit.checkpoint import load  # noqa: E402

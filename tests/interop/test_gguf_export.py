@@ -19,7 +19,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from conftest import WORDS  # noqa: E402
+from tests.conftest import WORDS  # noqa: E402
 
 import slmkit.interop.gguf as gguf_import  # noqa: E402
 from slmkit.checkpoint import load  # noqa: E402

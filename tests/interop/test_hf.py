@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS
+from tests.conftest import WORDS
 
 from slmkit.checkpoint import load
 from slmkit.errors import SlmError

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, noisy_weights
+from tests.conftest import WORDS, noisy_weights
 from safetensors.torch import load_file
 
 from slmkit.checkpoint import load

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import noisy_weights
+from tests.conftest import noisy_weights
 
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
