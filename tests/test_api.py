@@ -1,10 +1,10 @@
 """The Python API: a small, exact public surface and `LLM` generation with streaming and stop strings."""
 
 import pytest
-from tests.conftest import WORDS
 
 import slmkit
 from slmkit import LLM, ModelConfig, TrainConfig, train
+from tests.conftest import WORDS
 
 PUBLIC = {"GPT", "LLM", "ModelConfig", "SamplingParams", "SlmError", "Tokenizer", "TrainConfig", "TrainResult",
           "__version__", "load_split", "prepare", "train"}

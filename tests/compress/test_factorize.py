@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from tests.conftest import noisy_weights
 from torch import nn
 
 from slmkit import LLM, checkpoint
@@ -23,6 +22,7 @@ from slmkit.errors import SlmError
 from slmkit.model import GPT
 from slmkit.model.ffn import LowRankLinear
 from slmkit.train import train
+from tests.conftest import noisy_weights
 
 TINY = ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=32, pos="rope",
                    norm="rmsnorm", mlp="swiglu")

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from tests.conftest import noisy_weights
 from safetensors.torch import load_file, save_file
 
 from slmkit import LLM, checkpoint
@@ -16,6 +15,7 @@ from slmkit.config import ModelConfig, TrainConfig
 from slmkit.errors import SlmError
 from slmkit.model import GPT
 from slmkit.train import train
+from tests.conftest import noisy_weights
 
 # Llama style with grouped KV heads; mlp_hidden 192 (a multiple of 32, so channel counts round to 32s)
 TINY = ModelConfig(vocab_size=40, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, block_size=32, pos="rope",

@@ -13,8 +13,6 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tests.conftest import WORDS  # noqa: E402
-
 from slmkit import LLM  # noqa: E402
 from slmkit.checkpoint import load  # noqa: E402
 from slmkit.config import ModelConfig  # noqa: E402
@@ -23,6 +21,7 @@ from slmkit.interop import import_gguf  # noqa: E402
 from slmkit.interop.gguf import named_gguf  # noqa: E402
 from slmkit.model import GPT  # noqa: E402
 from slmkit.tokenizer import Tokenizer  # noqa: E402
+from tests.conftest import WORDS  # noqa: E402
 
 CHAT = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -19,8 +19,6 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tests.conftest import WORDS  # noqa: E402
-
 import slmkit.interop.gguf as gguf_import  # noqa: E402
 from slmkit.checkpoint import load  # noqa: E402
 from slmkit.compress import quantize  # noqa: E402
@@ -34,6 +32,7 @@ from slmkit.interop.gguf_export import _q4_k, _q6_k, int4_as_q4_0, quant_type, w
 from slmkit.model import GPT  # noqa: E402
 from slmkit.sampling import SamplingParams  # noqa: E402
 from slmkit.tokenizer import Tokenizer  # noqa: E402
+from tests.conftest import WORDS  # noqa: E402
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (it compiles "

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from tests.conftest import WORDS
 
 from slmkit.checkpoint import load
 from slmkit.errors import SlmError
 from slmkit.interop import import_hf
 from slmkit.tokenizer import Tokenizer
+from tests.conftest import WORDS
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from tests.conftest import WORDS, noisy_weights
 from safetensors.torch import load_file
 
 from slmkit.checkpoint import load
@@ -20,6 +19,7 @@ from slmkit.model import GPT
 from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import Tokenizer
 from slmkit.tokenizer.tokenizer import SPECIALS
+from tests.conftest import WORDS, noisy_weights
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.conftest import noisy_weights
 
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
@@ -17,6 +16,7 @@ from slmkit.interop.onnx_export import OnnxLM, write_onnx
 from slmkit.model import GPT
 from slmkit.sampling import SamplingParams
 from slmkit.tokenizer import Tokenizer
+from tests.conftest import noisy_weights
 
 pytest.importorskip("onnxruntime")
 
