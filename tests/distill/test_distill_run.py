@@ -23,6 +23,8 @@ from slmkit.tokenizer import Tokenizer
 from tests.conftest import make_corpus
 from tests.distill.conftest import STUDENT, tcfg
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs, servers or a browser (the quick lane skips them)
+
 
 def first_val(out: Path) -> float:
     return next(r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())

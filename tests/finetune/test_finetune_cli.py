@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from slmkit.cli import main
 from tests.finetune.conftest import labelled_dir
+
+pytestmark = pytest.mark.slow  # end-to-end: real runs, servers or a browser (the quick lane skips them)
 
 FAST = ["--seq-len", "32", "--batch-size", "4", "--threads", "1", "--precision", "fp32", "--eval-interval", "5",
         "--quiet"]

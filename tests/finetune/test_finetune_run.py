@@ -16,6 +16,8 @@ from slmkit.finetune import Classifier, FinetuneConfig, add_lora, default_train_
 from slmkit.finetune.lora import load_lora_state
 from tests.finetune.conftest import labelled_dir, sentences, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs, servers or a browser (the quick lane skips them)
+
 X = torch.tensor([tiny_tokenizer().encode("the king is dead long live the king", bos=True)])
 
 
