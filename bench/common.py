@@ -3,6 +3,8 @@ and small utilities. Benchmarks print ratios against a peer measured in the same
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import time
 from pathlib import Path
 
@@ -12,6 +14,15 @@ import torch.nn.functional as F
 
 TINY_CHARS = 1_115_394  # length of the classic tiny-shakespeare input.txt
 CACHE = Path.home() / ".cache" / "slmkit-bench"
+
+
+def cpu_model() -> str:
+    """The CPU's model name, which every figure is recorded with (the machine changes between sessions)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def tiny_shakespeare_text() -> str:

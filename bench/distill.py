@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE
+from bench.common import CACHE, cpu_model
 from bench.finetune import bpb, slm, table
-from bench.serve_load import cpu_model  # stdlib-only imports at its top
 
 SETS = ["shakespeare:val", "shakespeare:folio", "bbc-news:val"]
 

@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE
-from bench.serve_load import cpu_model  # stdlib-only imports at its top
+from bench.common import CACHE, cpu_model
 
 SETS = ["shakespeare:val", "shakespeare:folio"]
 

@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -48,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import CACHE
+from bench.common import CACHE, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = (
@@ -70,14 +69,6 @@ PROMPTS = (
     "What should I pack for a weekend hiking trip in the mountains?",
 )
 SERVERS = ("slmkit", "llama-server")
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 @dataclass

@@ -8,8 +8,8 @@ A matrix stored sparse replaces its `NAME` tensor in model.safetensors with two:
 
 The shape is the model's (config.json): the loader checks the mask's length and that it marks exactly as many elements
 as there are values, so a truncated or tampered file is refused rather than mis-read. At a density d a matrix costs
-d·32 + 1 bits per weight instead of 32 (50 % → 0.52×, 90 % sparse → 0.13×); a matrix is written sparse only where
-that is smaller (below ~97 % density). A bitmask beats int16 column indices (d·48 bits) at every density a pruned
+d·32 + 1 bits per weight instead of 32; a matrix is written sparse only where that is smaller
+(density d below 31/32). A bitmask beats int16 column indices (d·48 bits) at every density a pruned
 model has, and decodes with one vectorised scatter.
 
 Loading restores the dense model: `read_model` gives an ordinary fp32 GPT whose pruned weights are zeros, for every

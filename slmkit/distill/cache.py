@@ -9,7 +9,7 @@ windows, computed once (the expensive pass) and read, memory-mapped, by every st
     CACHE/log_rest.npy   (N, L) float32: log of the teacher's mass outside its top k (−inf when k = V); stored as a
                          log so a tail of 1e-9 keeps its digits (1 − Σ p_i would cancel)
     CACHE/hidden.npy     (N, L, C) float16: the teacher's final hidden states (after its last norm), for hidden-state
-                         matching only — C/(3k) times the bytes of the top-k arrays at fp16 (3× at C = 576, k = 64)
+                         matching only — C/(3k) times the bytes of the top-k arrays at fp16
     CACHE/progress.json  {"done": windows written, "seconds": teacher time so far}, rewritten atomically after each
                          chunk of windows once the chunk is flushed: an interrupted pass continues from there
 
@@ -43,7 +43,7 @@ from slmkit.runtime import autocast, console
 FORMAT = "slmkit-teacher-cache/1"
 LOGP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 BATCH_TOKENS = 4096  # tokens per teacher forward: large enough for efficient matmuls, small enough for its activations
-HEAD_ROWS = 1024  # positions per head matmul: bounds the (rows, V) logits — 200 MB at a 49k vocabulary
+HEAD_ROWS = 1024  # positions per head matmul: bounds the (rows, V) fp32 logits held at once
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ Hidden-state matching adds hidden_weight · MSE(P·h_s, h_t) on the final hidden
 a learned linear map from the student's width to the teacher's (the identity when they are equal). P trains with the
 student, is kept in the checkpoints' optimizer.pt for resume, and is not part of the model written. The teacher's
 hidden states are cached rather than computed live — a live teacher forward would cost several student steps per
-step — at C_teacher fp16 values per position (3× the top-k arrays for SmolLM2's 576 at k = 64).
+step — at C_teacher fp16 values per position (C/(3k) times the top-k arrays).
 
-Memory: the loss reads the student's full logits, a few (B, L, V) fp32 tensors at once (batch × window × vocabulary:
-~200 MB each at 4 × 256 × 49k).
+Memory: the loss reads the student's full logits, a few (B, L, V) fp32 tensors at once (batch × window × vocabulary
+values each).
 """
 
 from __future__ import annotations

@@ -236,8 +236,6 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     # --- the page -----------------------------------------------------------------------------------------------
 
-    STATIC.mkdir(exist_ok=True)
-
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
         index = STATIC / "index.html"
