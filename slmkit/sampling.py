@@ -5,6 +5,7 @@ Below every model: the transformer's engine (slmkit.infer.engine) and the n-gram
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,22 +38,56 @@ class SamplingParams:
             raise SlmError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
 
 
+def sample_rows(logits: Tensor, params: Sequence[SamplingParams], gens: Sequence[torch.Generator | None],
+                histories: Sequence[Tensor] | None = None) -> list[int]:
+    """Pick one token per row of (B, V) fp32 logits (modified in place), row b by `params[b]` with generator
+    `gens[b]`; `histories[b]`: the ids already in row b's context (for the repetition penalty).
+
+    The whole batch shares one softmax and one cumulative sum, and each row draws one uniform number from its own
+    generator (inverse-CDF sampling), so a row's token depends only on its logits, its parameters and its generator —
+    never on the rows beside it: a seeded request samples the same text alone or in a batch.
+    """
+    n = logits.shape[0]
+    if not n == len(params) == len(gens):
+        raise ValueError(f"{n} rows, {len(params)} sampling parameters and {len(gens)} generators")
+    out: list[int | None] = [None] * n
+    temps = torch.ones(n, 1)
+    for b, p in enumerate(params):
+        row = logits[b]
+        if p.repetition_penalty != 1.0 and histories is not None and histories[b].numel():
+            prev = row[histories[b]]
+            row[histories[b]] = torch.where(prev > 0, prev / p.repetition_penalty, prev * p.repetition_penalty)
+        if p.temperature == 0:
+            out[b] = int(row.argmax())
+            continue
+        temps[b] = p.temperature
+        if p.top_k is not None and p.top_k < row.numel():
+            kth = torch.topk(row, p.top_k).values[-1]
+            row.masked_fill_(row < kth, float("-inf"))
+    todo = [b for b in range(n) if out[b] is None]
+    if not todo:
+        return out  # type: ignore[return-value]
+    rows = torch.tensor(todo)
+    probs = torch.softmax(logits[rows] / temps[rows], dim=-1)
+    for i, b in enumerate(todo):
+        p = params[b]
+        if p.top_p is not None and p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs[i], descending=True)
+            # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays in)
+            sorted_probs[sorted_probs.cumsum(0) - sorted_probs >= p.top_p] = 0.0
+            probs[i] = torch.zeros_like(probs[i]).scatter_(0, order, sorted_probs)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=gens[b]) for b in todo])
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    for i, b in enumerate(todo):
+        k = int(picks[i])
+        if k >= cdf.shape[1] or probs[i, k] == 0:  # rounding at the top of the cdf: the last token with mass
+            k = int(probs[i].nonzero()[-1])
+        out[b] = k
+    return out  # type: ignore[return-value]
+
+
 def sample_next(logits: Tensor, history: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """Pick one token from (V,) fp32 logits. `history`: ids already in the context (for the repetition penalty)."""
-    if p.repetition_penalty != 1.0 and history.numel():
-        prev = logits[history]
-        logits[history] = torch.where(prev > 0, prev / p.repetition_penalty, prev * p.repetition_penalty)
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k is not None and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p is not None and p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays in)
-        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    """Pick one token from (V,) fp32 logits (modified in place). `history`: ids already in the context (for the
+    repetition penalty). The one-row case of `sample_rows`."""
+    return sample_rows(logits.unsqueeze(0), [p], [gen], [history])[0]

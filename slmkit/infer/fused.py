@@ -40,14 +40,16 @@ class _Step:
     """The C step for `model` decoding into `cache`: the kernels.c Model struct with scratch for as many sequences
     as the cache holds, and every tensor whose address it holds (they live as long as this object)."""
 
-    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list):
+    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list, rows: int):
         self._lib: ctypes.CDLL = kernels._lib  # type: ignore[assignment]
         self.model, self.cache, self._cm, self._keep = model, cache, cm, keep
+        self.rows = rows  # the most token rows one call takes: the scratch is sized for them
         # positions index the cache and the position tables (RoPE, learned, sinusoidal), both of this many rows
         self._max_pos = min(cache.max_len, model.config.block_size)
 
     @classmethod
-    def _build(cls, model: nn.Module, cache: KVCache) -> Self | None:
+    def _build(cls, model: nn.Module, cache: KVCache, rows: int | None = None) -> Self | None:
+        """rows: the most token rows one call takes (scratch is sized for them); default one per cache sequence."""
         if not isinstance(model, GPT) or not kernels.available():
             return None
         cfg = model.config
@@ -80,7 +82,7 @@ class _Step:
         head = _linear(model.lm_head)
         if head is None:
             return None
-        rows = cache.k[0].size(0)
+        rows = rows or cache.k[0].size(0)
         C, nh, nkv, hd, H = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden
         E, k = cfg.moe_experts, cfg.moe_top_k if cfg.moe_experts else 0
         # kernels.c Model: per-row sizes; MoE buffers stay one element for dense models
@@ -102,7 +104,7 @@ class _Step:
             *(scratch[n].data_ptr() for n in kernels.MODEL_SCRATCH), acts.acts,
             *(scratch[n].data_ptr() for n in kernels.MOE_SCRATCH),
         )
-        return cls(model, cache, cm, keep)
+        return cls(model, cache, cm, keep, rows)
 
 
 class FusedDecoder(_Step):
@@ -110,8 +112,8 @@ class FusedDecoder(_Step):
     returns the (V,) fp32 logits of the next token (a buffer reused by the next call). The caller advances cache.pos.
     The cache holds one sequence (a batch-1 cache, or `KVCache.slot(b)` of a larger one)."""
 
-    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list):
-        super().__init__(model, cache, cm, keep)
+    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list, rows: int):
+        super().__init__(model, cache, cm, keep, rows)
         self.logits = torch.empty(model.config.vocab_size, dtype=torch.float32)
 
     @classmethod
@@ -126,41 +128,46 @@ class FusedDecoder(_Step):
 
 
 class BatchDecoder(_Step):
-    """Continuous batching: one C call advances any subset of the sequences of a batch-S cache by one token each,
-    every sequence at its own position, and reads each weight once for all of them. Batch-1 decoding is bound by
-    that weight traffic, so a step of n sequences costs much less than n steps of one.
+    """Continuous batching: one C call advances any subset of the sequences of a batch-S cache, every sequence at
+    its own position, and reads each weight once for all of them. Batch-1 decoding is bound by that weight traffic,
+    so a step of n sequences costs much less than n steps of one.
 
     `logits = dec(tokens, slots, positions)` feeds tokens[i] at position positions[i] of the sequence in cache slot
     slots[i], writes those keys/values into the cache, and returns the (n, V) fp32 next-token logits, row i for
     slots[i]: a view of a buffer the next call overwrites (copy what must outlive it). Each row's logits are those
-    that FusedDecoder gives for its sequence alone. A sequence is prefilled with the PyTorch forward through its
-    `cache.slot(b)` view; the caller keeps the positions (e.g. in those views' `.pos`) and advances them. One call at
-    a time: the steps share their scratch buffers.
+    that FusedDecoder gives for its sequence alone. A slot may take several consecutive positions in one call — a
+    chunk of its prompt, prefilled in the same pass over the weights as the other sequences' next tokens: every
+    key and value of a call is stored before any row attends. The caller keeps the positions (e.g. in the
+    `cache.slot(b)` views' `.pos`) and advances them. One call at a time: the calls share their scratch buffers.
+
+    rows: the most rows one call takes (default: one per cache sequence; more to prefill alongside decoding).
 
     >>> cache = model.new_cache(8, 512)
-    >>> dec = BatchDecoder.for_model(model, cache)
-    >>> logits = dec([17, 4], slots=[3, 0], positions=[12, 40])  # (2, V)
+    >>> dec = BatchDecoder.for_model(model, cache, rows=8 + 64)
+    >>> logits = dec([17, 4, 9, 9], slots=[3, 0, 5, 5], positions=[12, 40, 0, 1])  # (4, V); slot 5 is prefilling
     """
 
-    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list):
-        super().__init__(model, cache, cm, keep)
-        self.batch_size = cache.k[0].size(0)  # S: the cache's sequences, the most one step can take
-        self.logits = torch.empty(self.batch_size, model.config.vocab_size, dtype=torch.float32)
-        self._args = [(ctypes.c_int * self.batch_size)() for _ in range(3)]  # tokens, positions, slots for the C call
+    def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list, rows: int):
+        super().__init__(model, cache, cm, keep, rows)
+        self.batch_size = cache.k[0].size(0)  # S: the cache's sequences
+        self.logits = torch.empty(self.rows, model.config.vocab_size, dtype=torch.float32)
+        self._args = [(ctypes.c_int * self.rows)() for _ in range(3)]  # tokens, positions, slots for the C call
 
     @classmethod
-    def for_model(cls, model: nn.Module, cache: KVCache) -> BatchDecoder | None:
-        return cls._build(model, cache)
+    def for_model(cls, model: nn.Module, cache: KVCache, rows: int | None = None) -> BatchDecoder | None:
+        if rows is not None and rows < 1:
+            raise ValueError(f"rows={rows} must be >= 1")
+        return cls._build(model, cache, rows)
 
     def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
         n = len(tokens)
         if not len(slots) == len(positions) == n:
             raise ValueError(f"got {n} tokens, {len(slots)} slots and {len(positions)} positions: give one of each "
                              "per sequence")
-        if n > self.batch_size:
-            raise ValueError(f"{n} sequences in one step, but the cache holds {self.batch_size}")
-        if len(set(slots)) != n:
-            raise ValueError(f"slots {list(slots)} repeat a slot: each sequence of a step needs its own")
+        if n > self.rows:
+            raise ValueError(f"{n} rows in one step, but this step was built for at most {self.rows}")
+        if len(set(zip(slots, positions, strict=True))) != n:
+            raise ValueError(f"slots {list(slots)} at positions {list(positions)} repeat a (slot, position) pair")
         cfg = self.model.config
         for name, values, limit, why in (
             ("slot", slots, self.batch_size, f"the cache holds {self.batch_size} sequences"),

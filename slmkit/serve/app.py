@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmkit.errors import SlmError
 from slmkit.sampling import SamplingParams
-from slmkit.serve.engine import Done, Engine, QueueFull, Token
+from slmkit.serve.engine import Done, Engine, Event, QueueFull, Token
 from slmkit.serve.engine import Request as GenRequest
 from slmkit.serve.protocol import ApiError, ChatRequest, CompletionRequest, error_param
 from slmkit.tokenizer.tokenizer import PLAIN_TEMPLATE
@@ -161,14 +162,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                                     body.seed)
         except SlmError as e:
             raise ApiError(400, str(e)) from None
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Token | Done] = asyncio.Queue()
-
-        def sink(ev: Token | Done) -> None:  # called from the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
+        inbox = Inbox(asyncio.get_running_loop())
         bias = {int(k): float(v) for k, v in body.logit_bias.items()} if body.logit_bias else None
-        req = GenRequest(ids, params, sink, tuple(stop), top, time.monotonic() + timeout, bias)
+        req = GenRequest(ids, params, inbox.put, tuple(stop), top, time.monotonic() + timeout, bias)
         try:
             engine.submit(req)
         except QueueFull as e:
@@ -178,58 +174,67 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         shape = _Shape(kind, rid, int(time.time()), model_name, tok)
         try:
-            first = await _next_event(request, events, engine, req)
+            first = await _next_events(request, inbox, engine, req)
         except BaseException:
             engine.cancel(req)
             raise
-        if isinstance(first, Done) and first.error:
-            status = 503 if "timed out" in first.error else 500
-            raise ApiError(status, first.error, code="timeout" if status == 503 else None)
+        if isinstance(first[0], Done) and first[0].error:
+            status = 503 if "timed out" in first[0].error else 500
+            raise ApiError(status, first[0].error, code="timeout" if status == 503 else None)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_stream(request, events, engine, req, first, shape, usage),
+            return StreamingResponse(_stream(inbox, engine, req, first, shape, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, logprobs, ev = [], [], first
+        text: list[str] = []
+        logprobs: list[Token] = []
+        evs = first
         while True:
-            if isinstance(ev, Token):
+            for ev in evs:
                 text.append(ev.text)
-                if top is not None and ev.logprob is not None:
-                    logprobs.append(ev)
-            else:
-                text.append(ev.text)
+                if isinstance(ev, Token):
+                    if top is not None and ev.logprob is not None:
+                        logprobs.append(ev)
+                    continue
                 if ev.error:
                     raise ApiError(500, ev.error)
                 return JSONResponse(shape.whole("".join(text), logprobs if top is not None else None, ev))
             try:
-                ev = await _next_event(request, events, engine, req)
+                evs = await _next_events(request, inbox, engine, req)
             except BaseException:
                 engine.cancel(req)
                 raise
 
-    async def _stream(request: Request, events: asyncio.Queue, engine: Engine, req: GenRequest,
-                      first: Token | Done, shape: _Shape, usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(inbox: Inbox, engine: Engine, req: GenRequest, first: list[Event], shape: _Shape,
+                      usage: bool) -> AsyncIterator[bytes]:
+        """The SSE body: one event per token, as OpenAI sends them; the events that arrived together (the engine ran
+        ahead of this stream) go out in one write."""
         done = False
         try:
+            out = bytearray()
             if shape.kind == "chat":  # OpenAI's first chat chunk names the role
-                yield _sse(shape.chunk(role=True, usage=usage))
-            ev = first
+                out += _sse(shape.chunk(role=True, usage=usage))
+            evs = first
             while True:
-                if isinstance(ev, Token):
-                    if ev.text or ev.logprob is not None:
-                        yield _sse(shape.chunk(ev.text, [ev] if ev.logprob is not None else None, usage=usage))
-                else:
+                for ev in evs:
+                    if isinstance(ev, Token):
+                        if ev.text or ev.logprob is not None:
+                            out += _sse(shape.chunk(ev.text, [ev] if ev.logprob is not None else None, usage=usage))
+                        continue
                     done = True
                     if ev.error:
-                        yield _sse(ApiError(500, ev.error).body())
+                        out += _sse(ApiError(500, ev.error).body())
                     else:
                         if ev.text:
-                            yield _sse(shape.chunk(ev.text, usage=usage))
-                        yield _sse(shape.chunk(finish=ev.finish_reason, usage=usage))
+                            out += _sse(shape.chunk(ev.text, usage=usage))
+                        out += _sse(shape.chunk(finish=ev.finish_reason, usage=usage))
                         if usage:
-                            yield _sse(shape.usage_chunk(ev))
-                    yield b"data: [DONE]\n\n"
+                            out += _sse(shape.usage_chunk(ev))
+                    yield bytes(out + b"data: [DONE]\n\n")
                     return
-                ev = await events.get()
+                if out:
+                    yield bytes(out)
+                    out.clear()
+                evs = await inbox.get()
         finally:
             if not done:  # the client went away (or the server is stopping): free the slot now
                 engine.cancel(req)
@@ -247,11 +252,48 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     return app
 
 
-async def _next_event(request: Request, events: asyncio.Queue, engine: Engine, req: GenRequest) -> Token | Done:
-    """The request's next event; a client that disconnected meanwhile cancels it (its slot is freed)."""
+class Inbox:
+    """One request's events, from the engine thread to the event loop. The loop is woken once for whatever has
+    arrived since it last looked, not once per token: each wake-up costs a write to the loop's self-pipe and a turn
+    of the loop, which with many streams decoding at once would cost more than the tokens themselves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._items: list[Event] = []
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._ready = asyncio.Event()
+
+    def put(self, ev: Event) -> None:
+        """Called from the engine thread."""
+        with self._lock:
+            self._items.append(ev)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def get(self) -> list[Event]:
+        """Every event that has arrived, oldest first (at least one: waits for it)."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items, self._items = self._items, []
+                    return items
+                self._ready.clear()
+            await self._ready.wait()
+
+
+async def _next_events(request: Request, inbox: Inbox, engine: Engine, req: GenRequest) -> list[Event]:
+    """The request's next events; a client that disconnected meanwhile cancels it (its slot is freed)."""
     while True:
         try:
-            return await asyncio.wait_for(events.get(), timeout=0.5)
+            return await asyncio.wait_for(inbox.get(), timeout=0.5)
         except TimeoutError:
             if await request.is_disconnected():
                 engine.cancel(req)

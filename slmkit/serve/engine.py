@@ -3,12 +3,12 @@
 One scheduler thread owns the model. Each transformer request gets a *slot*: one sequence of a batch KV cache
 (`KVCache.slot`). A step of the loop
 1. admits waiting requests into free slots (a bounded queue in front: `submit` raises `QueueFull` past it);
-2. prefills at most `prefill_chunk` prompt tokens, across the requests still prefilling — a long prompt is split
+2. takes at most `prefill_chunk` prompt tokens, across the requests still prefilling — a long prompt is split
    over several steps, so the streams already running wait for one chunk at a time, not for the whole prompt;
-3. advances every decoding request by one token in one call: the fused C step for a batch
+3. runs those prompt tokens and the next token of every decoding request in one call of the fused C step
    (slmkit.infer.fused.BatchDecoder), which reads each weight once for all of them — decoding a small model is
-   bound by the bytes of weights read per step, so a batch of n costs little more than one sequence. Models the C
-   step does not cover decode slot by slot through the PyTorch forward.
+   bound by the bytes of weights read per step, so a batch of n rows costs little more than one. Models the C
+   step does not cover prefill and decode slot by slot through the PyTorch forward.
 A request leaves its slot the moment it finishes: a stop token, a stop string, `max_tokens`, a full context, its
 deadline, or `cancel` (a client that went away); the next waiting request takes the slot in the same step.
 
@@ -34,7 +34,7 @@ from slmkit.api import LLM
 from slmkit.errors import SlmError
 from slmkit.infer.fused import BatchDecoder
 from slmkit.model.gpt import GPT, KVCache
-from slmkit.sampling import SamplingParams, sample_next
+from slmkit.sampling import SamplingParams, sample_rows
 from slmkit.tokenizer.stream import TextStream
 
 log = logging.getLogger("slmkit.serve")
@@ -121,10 +121,13 @@ class Engine:
             assert self.max_len is not None  # a transformer has a context length
             self.model.eval()
             self.cache = self.model.new_cache(max_batch, self.max_len, kv=kv)
-            self.batch = BatchDecoder.for_model(self.model, self.cache)
+            self.batch = BatchDecoder.for_model(self.model, self.cache, rows=max_batch + prefill_chunk)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
         self._free = list(range(max_batch))[::-1]
+        # per slot, the ids whose keys/values its cache holds at positions 0.. (what its last request left there)
+        self._kept: list[list[int]] = [[] for _ in range(max_batch)]
+        self.reused = 0  # prompt tokens not prefilled again: found in a slot's cache (for /health and tests)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -216,16 +219,30 @@ class Engine:
             if req.deadline is not None and now > req.deadline:
                 self._send(req, Done("error", len(req.ids), 0, error="timed out waiting for a free slot"))
                 continue
-            req.slot = self._free.pop()
+            req.slot = self._pick_slot(req.ids)
             req.text = TextStream(self.tokenizer, req.stop)
             seed = req.params.seed
             req.gen = torch.Generator().manual_seed(
                 seed if seed is not None else int(torch.randint(2**31, (1,), generator=self._seed)))
             if self.cache is not None:
                 req.cache = self.cache.slot(req.slot)
+                # the prompt's start that the slot's last request left in its cache (a chat's system prompt and
+                # earlier turns) is not computed again; its last token always is: its logits give the first new token
+                req.prefilled = req.cache.pos = min(_shared(self._kept[req.slot], req.ids), len(req.ids) - 1)
+                self.reused += req.prefilled
             else:
                 req.it = self.llm.lm.generate(req.ids, req.params, stop_ids=tuple(self.tokenizer.stop_ids))
             self._running.append(req)
+
+    def _pick_slot(self, ids: list[int]) -> int:
+        """The free slot that saves the most prefill now for the least cached text lost: what its cache holds of the
+        start of `ids`, less what of it would be overwritten (the most recently freed among equals) — a
+        conversation's next turn finds its slot, a prompt sharing only a first token leaves another's alone."""
+        def gain(i: int) -> tuple[int, int]:
+            kept = self._kept[self._free[i]]
+            return 2 * _shared(kept, ids) - len(kept), i
+
+        return self._free.pop(max(range(len(self._free)), key=gain))
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -243,52 +260,81 @@ class Engine:
                 else:
                     self._emit(req, nxt, None)
             return
-        self._prefill()
         decoding = [r for r in self._running if r.prefilled == len(r.ids)]
+        chunks = self._chunks()
+        if self.batch is not None:
+            self._fused_step(decoding, chunks)
+            return
+        for req, n in chunks:  # outside what the C step covers: PyTorch forwards, prompt chunks then one per sequence
+            cache = req.cache
+            assert cache is not None
+            logits = self.model(torch.tensor([req.ids[req.prefilled : req.prefilled + n]]), cache=cache,
+                                last_only=True)[0][0, -1]
+            req.prefilled += n
+            if req.prefilled == len(req.ids):
+                self._sample([req], logits[None])
         if decoding:
-            self._decode(decoding)
+            self.steps += 1
+            self._sample(decoding, torch.stack([
+                self.model(torch.tensor([[r.generated[-1]]]), cache=r.cache, last_only=True)[0][0, -1]
+                for r in decoding]))
 
-    def _prefill(self) -> None:
-        """Up to prefill_chunk prompt tokens, oldest request first; a request whose prompt completes samples its
-        first token from the prompt's last logits."""
-        assert self.model is not None
-        budget = self.prefill_chunk
-        for req in [r for r in self._running if r.prefilled < len(r.ids)]:
+    def _chunks(self) -> list[tuple[Request, int]]:
+        """The prompt tokens to prefill this step: up to prefill_chunk of them, oldest request first."""
+        budget, chunks = self.prefill_chunk, []
+        for req in self._running:
             if budget <= 0:
                 break
-            chunk = req.ids[req.prefilled : req.prefilled + budget]
-            logits = self.model(torch.tensor([chunk]), cache=req.cache, last_only=True)[0][0, -1]
-            req.prefilled += len(chunk)
-            budget -= len(chunk)
-            if req.prefilled == len(req.ids):
-                self._emit(req, *self._sample(req, logits))
+            n = min(len(req.ids) - req.prefilled, budget)
+            if n > 0:
+                chunks.append((req, n))
+                budget -= n
+        return chunks
 
-    def _decode(self, reqs: list[Request]) -> None:
-        assert self.model is not None
-        rows: list[torch.Tensor]
-        if self.batch is not None:
-            logits = self.batch([r.generated[-1] for r in reqs], [r.slot for r in reqs],
-                                [r.cache.pos for r in reqs])  # type: ignore[union-attr]
-            rows = list(logits)
-            for r in reqs:
-                r.cache.pos += 1  # type: ignore[union-attr]
-        else:  # outside what the C step covers: one PyTorch forward per sequence
-            rows = [self.model(torch.tensor([[r.generated[-1]]]), cache=r.cache, last_only=True)[0][0, -1]
-                    for r in reqs]
-        self.steps += 1
-        for r, row in zip(reqs, rows, strict=True):
-            self._emit(r, *self._sample(r, row))
+    def _fused_step(self, decoding: list[Request], chunks: list[tuple[Request, int]]) -> None:
+        """One C call: the next token of every decoding request and the prompt chunks, in one pass over the
+        weights (prefilling alongside decoding costs the running streams little: the weights are read once)."""
+        assert self.batch is not None
+        tokens, slots, positions = [], [], []
+        for r in decoding:
+            tokens.append(r.generated[-1])
+            slots.append(r.slot)
+            positions.append(r.cache.pos)  # type: ignore[union-attr]
+        ready, rows = list(decoding), list(range(len(decoding)))
+        for req, n in chunks:
+            start = req.cache.pos  # type: ignore[union-attr]
+            tokens += req.ids[req.prefilled : req.prefilled + n]
+            slots += [req.slot] * n
+            positions += range(start, start + n)
+            req.prefilled += n
+            if req.prefilled == len(req.ids):  # the prompt is complete: its last row's logits give the first token
+                ready.append(req)
+                rows.append(len(tokens) - 1)
+        logits = self.batch(tokens, slots, positions)
+        for r in decoding:
+            r.cache.pos += 1  # type: ignore[union-attr]
+        for req, n in chunks:
+            req.cache.pos += n  # type: ignore[union-attr]
+        if decoding:
+            self.steps += 1
+        if ready:
+            self._sample(ready, logits[rows])
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """The next token, and the log-probabilities it was drawn from if the request asks for them (the model's
-        distribution, before temperature and filters, as OpenAI reports them)."""
-        p = req.params
-        history = torch.tensor(req.ids + req.generated) if p.repetition_penalty != 1.0 else torch.empty(0)
-        logp = torch.log_softmax(logits.float(), -1) if req.top_logprobs is not None else None
-        logits = logits.float().clone()
-        if req.logit_bias:
-            logits[list(req.logit_bias)] += torch.tensor(list(req.logit_bias.values()))
-        return sample_next(logits, history, p, req.gen), logp
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample the next token of each request from its row of (B, V) logits, all rows at once, and emit it —
+        with the log-probabilities it was drawn from if the request asks for them (the model's distribution, before
+        temperature and filters, as OpenAI reports them)."""
+        logits = logits.float()  # the callers pass fresh tensors (indexed copies, stacks): changed in place below
+        logp = [torch.log_softmax(row, -1) if r.top_logprobs is not None else None
+                for r, row in zip(reqs, logits, strict=True)]
+        for r, row in zip(reqs, logits, strict=True):
+            if r.logit_bias:
+                row[list(r.logit_bias)] += torch.tensor(list(r.logit_bias.values()))
+        histories = [torch.tensor(r.ids + r.generated) if r.params.repetition_penalty != 1.0 else torch.empty(0)
+                     for r in reqs]
+        picks = sample_rows(logits, [r.params for r in reqs], [r.gen for r in reqs], histories)
+        for r, nxt, lp in zip(reqs, picks, logp, strict=True):
+            self._emit(r, nxt, lp)
 
     def _emit(self, req: Request, nxt: int, logp: torch.Tensor | None = None) -> None:
         """Send token `nxt` of `req` and finish the request if it ends here."""
@@ -316,6 +362,8 @@ class Engine:
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         rest = req.text.flush() if req.text is not None and reason != "error" else ""
         self._send(req, Done(reason, len(req.ids), len(req.generated), rest, error))
+        if reason == "error":  # a step failed midway: trust nothing it may have left in the cache
+            req.cache = None
         self._release(req)
 
     def _send(self, req: Request, event: Event) -> None:
@@ -330,6 +378,18 @@ class Engine:
     def _release(self, req: Request) -> None:
         if req in self._running:
             self._running.remove(req)
+            # keys/values stand at positions < cache.pos: the prompt, then every generated token but the last
+            self._kept[req.slot] = (req.ids + req.generated)[: req.cache.pos] if req.cache is not None else []
             with self._cv:
                 self._free.append(req.slot)
         req.cache = req.it = None
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """The length of the common start of a and b."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

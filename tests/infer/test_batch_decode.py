@@ -150,8 +150,8 @@ def test_logits_buffer_is_reused_and_an_empty_step_is_allowed():
 
 
 @pytest.mark.parametrize("tokens, slots, positions, match", [
-    ([1, 2, 3], [0, 1, 2], [0, 0, 0], "3 sequences in one step, but the cache holds 2"),
-    ([1, 2], [1, 1], [0, 3], r"slots \[1, 1\] repeat a slot"),
+    ([1, 2, 3], [0, 1, 1], [0, 0, 1], "3 rows in one step, but this step was built for at most 2"),
+    ([1, 2], [1, 1], [3, 3], r"slots \[1, 1\] at positions \[3, 3\] repeat a \(slot, position\) pair"),
     ([1], [2], [0], r"slot 2 is outside 0\.\.1"),
     ([1], [-1], [0], r"slot -1 is outside 0\.\.1"),
     ([1, 2], [0, 1], [7, 8], r"position 8 is outside 0\.\.7"),
@@ -164,6 +164,51 @@ def test_bad_steps_are_refused(tokens, slots, positions, match):
     dec = BatchDecoder.for_model(model, model.new_cache(2, 8))
     with pytest.raises(ValueError, match=match):
         dec(tokens, slots, positions)
+
+
+@pytest.mark.parametrize("name, dtype, kv", [("llama", "fp32", "fp32"), ("gpt2", "fp32", "int8"),
+                                             ("moe-top2", "fp32", "bf16"), ("llama", "int8", "fp32")])
+def test_prompt_chunks_prefill_in_the_same_step_as_decoding_rows(name, dtype, kv):
+    """A slot may take several consecutive positions in one call (a prompt chunk beside the other slots' decode
+    rows): each chunk row's logits are the PyTorch forward's at that position, and what the chunks leave in the
+    cache decodes on exactly as a cache prefilled by PyTorch does (within the KV storage's rounding)."""
+    model = _model(**CONFIGS[name])
+    if dtype != "fp32":
+        model = quantize(model, dtype)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=g) for n in (7, 1, 5)]
+    cache = model.new_cache(3, MAX_LEN, kv=kv)
+    dec = BatchDecoder.for_model(model, cache, rows=3 + 8)
+    assert dec is not None and dec.rows == 11
+    views = [cache.slot(b) for b in range(3)]
+    exact = kv == "fp32" and dtype == "fp32"
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        model(prompts[1][None], cache=views[1])  # slot 1 decodes while 0 and 2 prefill in chunks of 4 and 5
+        ref = [model(torch.cat([p, torch.tensor([5, 6])])[None])[0][0] for p in prompts]  # fp32-cache references
+        plan = [((0, 0, 4), (2, 0, 5)), ((0, 4, 3),)]  # (slot, from, n) chunks of two steps
+        extra = iter([5, 6])
+        for step in plan:
+            tokens, slots, positions, spans = [next(extra)], [1], [views[1].pos], []
+            for b, start, n in step:
+                spans.append((b, start, len(tokens), n))
+                tokens += prompts[b][start : start + n].tolist()
+                slots += [b] * n
+                positions += range(start, start + n)
+            logits = dec(tokens, slots, positions).clone()
+            views[1].pos += 1
+            for b, start, row, n in spans:
+                got, want = logits[row : row + n], ref[b][start : start + n]
+                if exact:
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                else:  # rounded keys/values or activations: the relative norm, as _check does
+                    assert (got - want).norm() / want.norm() < 0.03
+                views[b].pos += n
+        # every slot now decodes on from what the step left (slot 1 took two tokens beside the chunks)
+        after = dec([5, 9, 5], [0, 1, 2], [v.pos for v in views]).clone()
+        one = model(torch.cat([prompts[1], torch.tensor([5, 6, 9])])[None])[0][0, -1]
+    want = torch.stack([ref[0][len(prompts[0])], one, ref[2][len(prompts[2])]])
+    assert (after - want).norm() / want.norm() < (1e-5 if exact else 0.03)
 
 
 def test_positions_stop_at_the_context_when_the_cache_is_longer():

@@ -91,6 +91,37 @@ def test_the_pytorch_path_for_what_the_c_step_does_not_cover():
         assert sink.ids == _alone(llm, ids, 12)
 
 
+@pytest.mark.parametrize("kv", ["fp32", "int8"])
+def test_a_prompt_start_left_in_a_slot_is_not_prefilled_again(llm, kv):
+    """A chat's next turn repeats the conversation so far: the slot holding it skips that start and the answer is
+    what a fresh slot would give. A prompt that only shares a start still takes the slot that holds it."""
+    tok = llm.tokenizer
+    chat = tok.encode("my lord what say you to this fair", bos=True)
+    other = tok.encode("o romeo", bos=True)
+    engine = Engine(llm, max_batch=2, kv=kv).start()
+    fresh = Engine(llm, max_batch=1, kv=kv).start()
+    try:
+        def run(e: Engine, ids: list[int], n: int = 8) -> list[int]:
+            sink = Collect()
+            e.submit(Request(ids, SamplingParams(n, temperature=0), sink))
+            assert sink.done.wait(30)
+            return sink.ids
+
+        first = run(engine, chat)
+        run(engine, other)  # the other slot now holds "o romeo": the next turn of the chat must find the first one
+        assert engine.reused == 0
+        turn = chat + first + tok.encode(" and then", bos=False)
+        assert run(engine, turn) == run(fresh, turn)
+        # the slot held the prompt and all but the last generated token (never fed back)
+        assert engine.reused == len(chat) + len(first) - 1
+        again = engine.reused
+        assert run(engine, turn) == run(fresh, turn)  # the whole prompt again: all but its last token reused
+        assert engine.reused - again == len(turn) - 1
+    finally:
+        engine.stop()
+        fresh.stop()
+
+
 def test_finish_reasons_and_the_context_limit(llm):
     tok = llm.tokenizer
     never = {i: -100.0 for i in {*tok.stop_ids, tok.pad_id}}
