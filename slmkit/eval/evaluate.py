@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from slmkit import run
+from slmkit import checkpoint, run
 from slmkit.api import LLM
 from slmkit.compress.quantize import WeightDtype
 from slmkit.data.textsets import resolve_text_set
@@ -38,11 +38,28 @@ from slmkit.runtime import set_threads
 from slmkit.versions import versions
 
 
+def weights_file(path: Path) -> Path:
+    """The weights a checkpoint directory holds: model.safetensors, or for a fine-tune that kept only its LoRA
+    adapter (`slm finetune --adapter-only`), adapter.safetensors."""
+    full = path / "model.safetensors"
+    return full if full.exists() or not (path / "adapter.safetensors").exists() else path / "adapter.safetensors"
+
+
 def checkpoint_stamp(path: Path) -> dict[str, Any]:
-    """Which weights were read: the directory, and the size and modification time of its model.safetensors (a
+    """Which weights were read: the directory, and the size and modification time of its weights file (a
     retrained or replaced checkpoint of the same name differs in them)."""
-    stat = (path / "model.safetensors").stat()
+    stat = weights_file(path).stat()
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def bytes_on_disk(llm: LLM) -> int:
+    """What running the model needs on disk: its weights file, and for an adapter-only fine-tune its base's too."""
+    own = weights_file(llm.path)
+    if own.name != "adapter.safetensors":
+        return own.stat().st_size
+    from slmkit.finetune.model import pinned_base
+
+    return own.stat().st_size + weights_file(checkpoint.resolve(pinned_base(llm.meta, llm.path))).stat().st_size
 
 
 def model_info(llm: LLM, given: str | Path) -> dict[str, Any]:
@@ -56,7 +73,7 @@ def model_info(llm: LLM, given: str | Path) -> dict[str, Any]:
         "params_total": params.total,
         "params_active": params.active,
         "params_non_embedding": params.non_embedding,
-        "bytes_on_disk": (llm.path / "model.safetensors").stat().st_size,
+        "bytes_on_disk": bytes_on_disk(llm),
         "tokenizer": getattr(tok, "spec", type(tok).__name__),
         "vocab_size": tok.vocab_size,
         "block_size": llm.lm.context_length,

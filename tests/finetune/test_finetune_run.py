@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from slmkit import LLM, checkpoint, run
 from slmkit.data import prepare
 from slmkit.errors import SlmError
+from slmkit.eval import evaluate
 from slmkit.finetune import Classifier, FinetuneConfig, add_lora, default_train_config, finetune
 from slmkit.finetune.lora import load_lora_state
 from tests.finetune.conftest import labelled_dir, sentences, tiny_tokenizer
@@ -59,6 +60,11 @@ def test_an_adapter_only_run_loads_as_base_plus_adapter(base, corpus, tmp_path):
     assert not (adapter / "model.safetensors").exists()
     assert sorted(load_file(adapter / "adapter.safetensors"))[0] == "blocks.0.attn.proj.lora_a"
     torch.testing.assert_close(logits(LLM.load(adapter).model), logits(LLM.load(merged).model), atol=1e-5, rtol=1e-5)
+    # slm eval reads it like any run (the held-out split of the data it was tuned on), with the merged run's numbers
+    ev = [evaluate(r, max_bytes=4000, threads=1, progress=False)["lm"] for r in (adapter, merged)]
+    assert list(ev[0]) == list(ev[1]) and len(ev[0]) >= 1
+    for name in ev[0]:
+        assert ev[0][name]["bpb"] == pytest.approx(ev[1][name]["bpb"], rel=1e-4)
     # the base is pinned: a changed base is refused rather than silently combined
     moved = tmp_path / "base"
     shutil.copytree(base, moved)
