@@ -10,11 +10,16 @@
 
 A checkpoint directory is assembled under a temporary name and renamed into place, so a reader sees either a complete
 checkpoint or none.
+
+A pruned checkpoint (slm prune) stores its mostly-zero matrices sparse — slmkit.compress.sparse writes them and
+documents the layout; every loader here reads them back into the dense model (`_sparse_tensors`), so a pruned
+checkpoint loads wherever a checkpoint does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -35,6 +40,9 @@ from slmkit.model import GPT
 from slmkit.tokenizer import Tokenizer
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# the sparse layout's tensor-name suffixes (slmkit.compress.sparse)
+SPARSE_MASK, SPARSE_COLS, SPARSE_ROWS, SPARSE_VALUES = ".sparse_mask", ".sparse_cols", ".sparse_rows", ".sparse_values"
+_BITS = 2 ** torch.arange(8, dtype=torch.uint8)  # bit i of a mask byte: element 8·j + i
 
 
 @dataclass
@@ -111,11 +119,71 @@ def write_model(directory: str | Path, model: GPT) -> None:
 
 
 def read_model(directory: str | Path) -> GPT:
-    """The model of what `write_model` wrote (config.json + model.safetensors), in eval mode, fp32."""
+    """The model of what `write_model` (or slmkit.compress.sparse.write_model) wrote (config.json +
+    model.safetensors), in eval mode, fp32; sparse-stored matrices are decoded to dense ones."""
     directory = Path(directory)
     cfg = ModelConfig.load(directory / "config.json")
     weights = directory / "model.safetensors"
-    return model_from_state_dict(cfg, read_weights(weights), str(weights)).eval()
+    sd = read_weights(weights)
+    return model_from_state_dict(cfg, sd, str(weights), prepare=_sparse_tensors(sd, str(weights))).eval()
+
+
+def _sparse_tensors(sd: dict[str, torch.Tensor], origin: str) -> Callable[[GPT], None] | None:
+    """For a state dict with sparse-stored tensors, the `prepare` step that decodes them in place (the still-empty
+    model gives their shapes); None when there are none."""
+    keys = [k[: -len(SPARSE_VALUES)] for k in sd if k.endswith(SPARSE_VALUES)]
+    stray = [k for k in sd if k.endswith((SPARSE_MASK, SPARSE_COLS, SPARSE_ROWS)) and
+             k[: k.rindex(".sparse_")] not in keys]
+    if not keys and not stray:
+        return None
+
+    def densify(model: GPT) -> None:
+        shapes = {k: t.shape for k, t in model.state_dict().items()}
+        if stray:
+            raise SlmError(f"{origin}: {stray[0]} has no values; the file is truncated or tampered — prune the parent "
+                           f"again")
+        for key in keys:
+            if key not in shapes:
+                raise SlmError(f"{origin}: sparse tensor {key} does not belong to this model; the file is truncated "
+                               f"or tampered — prune the parent again")
+            sd[key] = decode_sparse(sd, key, shapes[key], f"{origin}: {key}")
+
+    return densify
+
+
+def decode_sparse(sd: dict[str, torch.Tensor], key: str, shape: torch.Size | tuple[int, ...],
+                  name: str = "") -> torch.Tensor:
+    """The dense fp32 tensor `key` of `shape` from its sparse parts in `sd` (removed from it): a bitmask, or column
+    indices and row counts, with the values; parts that do not fit `shape` are an SlmError."""
+    values = sd.pop(key + SPARSE_VALUES)
+    n = math.prod(shape)
+    if values.dim() != 1 or values.numel() > n:
+        raise SlmError(f"{name}: {values.numel()} sparse values do not fit {list(shape)}")
+    values = values.float()
+    if key + SPARSE_MASK in sd:
+        mask = sd.pop(key + SPARSE_MASK)
+        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (n + 7) // 8:
+            raise SlmError(f"{name}: a sparse mask of {mask.numel()} bytes does not describe {list(shape)}")
+        keep = ((mask[:, None] & _BITS) != 0).view(-1)
+        if keep[n:].any() or int(keep.sum()) != values.numel():
+            raise SlmError(f"{name}: the sparse mask marks {int(keep.sum())} elements for {values.numel()} values")
+        out = torch.zeros(n, dtype=torch.float32)
+        out[keep[:n]] = values
+        return out.view(shape)
+    cols, counts = sd.pop(key + SPARSE_COLS, None), sd.pop(key + SPARSE_ROWS, None)
+    rows, width = n // shape[-1] if shape else 1, shape[-1] if shape else 1
+    if cols is None or counts is None or cols.dtype != torch.uint16 or counts.dtype != torch.int32 or \
+            cols.shape != values.shape or counts.shape != (rows,) or int(counts.sum()) != values.numel() or \
+            bool((counts < 0).any()):
+        raise SlmError(f"{name}: the sparse column indices and row counts do not describe {values.numel()} values of "
+                       f"{list(shape)}")
+    cols = cols.to(torch.int64)
+    if cols.numel() and int(cols.max()) >= width:
+        raise SlmError(f"{name}: a sparse column index is outside the {width} columns")
+    row = torch.repeat_interleave(torch.arange(rows), counts.to(torch.int64))
+    out = torch.zeros(n, dtype=torch.float32)
+    out[row * width + cols] = values
+    return out.view(shape)
 
 
 def load(path: str | Path) -> Checkpoint:

@@ -268,7 +268,8 @@ def cmd_prune(a: argparse.Namespace) -> None:
 
     out = prune_run(a.run, a.out, method=a.method, sparsity=a.sparsity, score=a.score, calib=a.calib,
                     calib_samples=a.calib_samples, calib_len=a.calib_len, heal=a.heal, heal_data_dir=a.heal_data,
-                    heal_kl=a.heal_kl, heal_lr=a.heal_lr, overwrite=a.overwrite, progress=not a.quiet)
+                    heal_kl=a.heal_kl, heal_lr=a.heal_lr, gradual=a.gradual, overwrite=a.overwrite,
+                    progress=not a.quiet)
     meta = read_meta(out)
     p = meta["pruning"]
     if p["structure"] == "unstructured":
@@ -636,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "own training data)")
     pn.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     pn.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    pn.add_argument("--gradual", action="store_true",
+                    help="magnitude only: prune during the --heal run, the sparsity rising on Zhu & Gupta's cubic "
+                         "schedule (for very sparse models, e.g. --sparsity 0.9)")
     fz = add("factorize", cmd_factorize, "replace each block projection by its truncated SVD (low-rank layers)")
     fz.add_argument("run", help="run or checkpoint directory to factorise (native or imported)")
     rank = fz.add_mutually_exclusive_group(required=True)

@@ -17,8 +17,14 @@ MoE expert stacks; never the embeddings, the head or MoE routers, which pick the
 - nm:N:M (semi-structured, NVIDIA's N:M): N of every M consecutive weights along the input dimension kept, by the
   Wanda score (or `score="magnitude"`); M must divide every input width.
 
+Gradual (`--gradual`, magnitude only): a very sparse model (VSLM, ≥ 90 % zeros) is not pruned at once but during
+the healing run, by Zhu & Gupta's cubic schedule (slmkit.compress.heal.CubicSchedule): the model starts dense and the
+sparsity rises to `sparsity` over the first three quarters of the --heal budget, masks recomputed every few steps, the
+rest of the budget training at the final sparsity.
+
 A pruned checkpoint stores those matrices sparse (slmkit.compress.sparse); loading gives the dense model with its
-zeros, so dense kernels decode it at the parent's speed.
+zeros. Dense kernels would decode it at the parent's speed; the fused C decode step reads a matrix with few enough
+non-zeros (kernels.CSR_MAX_DENSITY) as CSR instead, so a very sparse model decodes faster than its parent.
 
 Structured methods remove whole units and give a smaller dense model of an ordinary ModelConfig, so every code path
 — the fused C decode included — runs it as it is, faster by the share of weights removed:
@@ -54,7 +60,7 @@ from torch import Tensor, nn
 from slmkit import checkpoint, run
 from slmkit.compress import sparse
 from slmkit.compress.gptq import layer_inputs
-from slmkit.compress.heal import heal_and_compare, heal_data
+from slmkit.compress.heal import CubicSchedule, compare_to_parent, heal_and_compare, heal_data
 from slmkit.compress.stage import calibration_tokens, load_parent, write_run
 from slmkit.config import parse_duration
 from slmkit.errors import SlmError
@@ -92,8 +98,10 @@ class Method:
         return self.kind in ("wanda", "channels", "layers", "heads") or (self.kind == "nm" and score == "wanda")
 
 
-def check_request(method: Method, sparsity: float | None, score: str, calib: object) -> None:
-    """The request's own consistency, checked before any work (`calib`: whatever names the calibration data)."""
+def check_request(method: Method, sparsity: float | None, score: str, calib: object, gradual: bool = False,
+                  healing: bool = False) -> None:
+    """The request's own consistency, checked before any work (`calib`: whatever names the calibration data;
+    `healing`: whether a heal budget was given)."""
     if score not in SCORES:
         raise SlmError(f"--score {score!r} is not one of {', '.join(SCORES)}")
     if method.kind == "nm":
@@ -110,6 +118,10 @@ def check_request(method: Method, sparsity: float | None, score: str, calib: obj
     if calib is not None and not method.calibrated(score):
         raise SlmError(f"--calib is for calibrated methods (wanda, nm with the wanda score, channels, layers); "
                        f"{method.kind} needs none")
+    if gradual and method.kind != "magnitude":
+        raise SlmError(f"--gradual prunes by magnitude while healing; use --method magnitude, not {method.kind}")
+    if gradual and not healing:
+        raise SlmError("--gradual prunes during healing, so it needs a budget: add --heal DURATION (e.g. --heal 5m)")
 
 
 def prune_model(model: GPT, method: str, sparsity: float | None = None, *, calib: Tensor | None = None,
@@ -397,6 +409,8 @@ def prune_run(
     heal_data_dir: str | Path | None = None,
     heal_kl: float = 0.5,
     heal_lr: float = 1e-3,
+    gradual: bool = False,
+    values: str = "fp32",
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -406,18 +420,24 @@ def prune_run(
     tokens of `calib` (text named like `slm eval --lm`; default: the run's own training data). `heal` (a duration,
     e.g. "5m") and/or `heal_steps` then train the pruned model distilled from the parent (slmkit.compress.heal) on
     `heal_data_dir` (default: the parent's training data), with `heal_kl` the KL share of the loss and `heal_lr` the
-    peak learning rate; pruned weights stay zero.
+    peak learning rate; pruned weights stay zero. `gradual` (magnitude only, with a heal budget): prune during the
+    healing run by the cubic schedule instead of once before it. `values`: "fp32" or "bf16", how the sparse matrices'
+    non-zeros are stored (bf16: half their bytes, the weights rounded; the recorded quality is the rounded model's).
 
     >>> prune_run("runs/shk", "runs/shk-w50", method="wanda", sparsity=0.5)  # doctest: +SKIP
+    >>> prune_run("runs/shk", "runs/shk-vslm", method="magnitude", sparsity=0.9, gradual=True,
+    ...           heal="5m")  # doctest: +SKIP
     >>> prune_run("runs/shk", "runs/shk-c30", method="channels", sparsity=0.3, heal="5m")  # doctest: +SKIP
     """
     m = Method.parse(method)
-    check_request(m, sparsity, score, calib)
+    heal_time = parse_duration(heal)
+    healing = heal_time is not None or heal_steps is not None
+    check_request(m, sparsity, score, calib, gradual, healing)
+    if values not in sparse.VALUE_DTYPES:
+        raise SlmError(f"values={values!r} is not one of {', '.join(sparse.VALUE_DTYPES)}")
     for name, value in (("calib_samples", calib_samples), ("calib_len", calib_len)):
         if value < 1:
             raise SlmError(f"{name}={value} must be >= 1")
-    heal_time = parse_duration(heal)
-    healing = heal_time is not None or heal_steps is not None
     ck, parent_meta = load_parent(src, out, overwrite=overwrite, action="prune")
     data = heal_data(parent_meta, ck.tokenizer.sha256, heal_data_dir, required=healing)
     model, cal_about, tokens = ck.model, None, None
@@ -427,22 +447,32 @@ def prune_run(
                                                seq_len=min(calib_len, model.config.block_size))
     parent = copy.deepcopy(model) if data is not None else None  # teacher and reference: pruning works in place
     t0 = time.perf_counter()
-    model, record = _prune(model, m, sparsity, tokens, score)
+    schedule = CubicSchedule(sparsity) if gradual else None  # type: ignore[arg-type]  # checked: a float
+    # gradual: the model enters healing dense (zero sparsity pruned), the schedule prunes it as it trains
+    model, record = _prune(model, m, 0.0 if gradual else sparsity, tokens, score)
     prune_time = time.perf_counter() - t0
     sparse_keys = set(record["layers"]) if record["structure"] == "unstructured" else set()
     params = dict(model.named_parameters())
     after = heal_and_compare(model, parent, data, max_time=heal_time, max_steps=heal_steps, kl_weight=heal_kl,
-                             lr=heal_lr, keep_zeros=[params[k] for k in sorted(sparse_keys)], progress=progress)
+                             lr=heal_lr, keep_zeros=[params[k] for k in sorted(sparse_keys)], schedule=schedule,
+                             progress=progress)
+    if gradual:  # the record of what healing pruned (the schedule ends at exactly `sparsity` per matrix)
+        _, record = _unstructured(model, m, 0.0, None)
+    if values != "fp32" and sparse_keys:  # measure the model as it is stored
+        sparse.round_values(model, sparse_keys, values)
+        if after["quality"] is not None:
+            after["quality"] = compare_to_parent(model, parent, data)  # type: ignore[arg-type]
     counts = _counts(model)
-    recipe = {"method": method, "sparsity": sparsity, "score": score if m.kind == "nm" else None,
+    recipe = {"method": method, "sparsity": sparsity, "score": score if m.kind == "nm" else None, "gradual": gradual,
+              "values": values,
               "calibration": cal_about,
               "heal": {"time": heal_time, "steps": heal_steps, "kl_weight": heal_kl, "lr": heal_lr,
                        "data": str(data)} if healing else None}
     meta = run.new_meta("prune", parent=ck.path, model_class=run.model_class(parent_meta), recipe=recipe,
                         pruning={**record, "method": method, "requested": sparsity},
-                        storage=sparse.storage(model, sparse_keys),
+                        storage=sparse.storage(model, sparse_keys, values),
                         counts={k: counts[k] for k in ("total", "active", "non_embedding")},
                         nonzero=counts["nonzero"], parent_counts=parent_counts, prune_time=round(prune_time, 3),
                         **after, params={k: counts[k] for k in ("total", "active", "non_embedding")},
                         data=parent_meta.get("data"), data_meta=parent_meta.get("data_meta"))
-    return write_run(Path(out), lambda tmp: sparse.write_model(tmp, model, sparse_keys), ck.tokenizer, meta)
+    return write_run(Path(out), lambda tmp: sparse.write_model(tmp, model, sparse_keys, values), ck.tokenizer, meta)

@@ -1,25 +1,31 @@
 """Sparse storage for pruned checkpoints: what unstructured pruning buys on disk, in safetensors (never pickle).
 
-A matrix stored sparse replaces its `NAME` tensor in model.safetensors with two:
+A matrix stored sparse replaces its `NAME` tensor in model.safetensors with its non-zero elements and where they are,
+in one of two layouts, whichever is smaller for that matrix:
 
-    NAME.sparse_mask    uint8 (ceil(numel / 8),)  one bit per element of NAME in row-major order, bit i of byte j is
-                                                  element 8·j + i (little-endian bits); 1 = stored
-    NAME.sparse_values  same dtype as NAME (nnz,)  the stored elements, row-major
+    bitmask     NAME.sparse_mask    uint8 (ceil(numel / 8),)  one bit per element of NAME in row-major order, bit i of
+                                                              byte j is element 8·j + i (little-endian bits); 1 = stored
+    indices     NAME.sparse_cols    uint16 (nnz,)             the column (last dim) of each stored element
+                NAME.sparse_rows    int32 (rows,)             how many elements each row (all dims but the last) stores
+    both        NAME.sparse_values  fp32 or bf16 (nnz,)       the stored elements, row-major
 
-The shape is the model's (config.json): the loader checks the mask's length and that it marks exactly as many elements
-as there are values, so a truncated or tampered file is refused rather than mis-read. At a density d a matrix costs
-d·32 + 1 bits per weight instead of 32; a matrix is written sparse only where that is smaller
-(density d below 31/32). A bitmask beats int16 column indices (d·48 bits) at every density a pruned
-model has, and decodes with one vectorised scatter.
+The shape is the model's (config.json): the loader (slmkit.checkpoint.decode_sparse) checks that the parts describe
+exactly that many values, so a truncated or tampered file is refused rather than mis-read. At a density d and v bits
+per value a matrix costs d·v + 1 bits per weight as a bitmask, d·(v + 16) + (a row count per row) as indices: the
+bitmask is smaller down to d = 1/16 (93.75 % sparsity), the indices beyond. A matrix is written sparse only where
+that beats the dense bytes.
 
-Loading restores the dense model: `read_model` gives an ordinary fp32 GPT whose pruned weights are zeros, for every
-consumer (generate, eval, quantize, heal). Zeros do not make dense CPU kernels faster; a sparse decode kernel would
-read this layout directly.
+Values are fp32, or bf16 (`values="bf16"`, half the bytes, the weights rounded to 8 bits of mantissa: the pruning
+stage measures what that costs against the parent). A matrix whose values are all bf16 numbers already is stored bf16
+either way: nothing is lost.
+
+Loading restores the dense model: `slmkit.checkpoint.read_model` (so `checkpoint.load`, `LLM.load` and every stage)
+gives an ordinary fp32 GPT whose pruned weights are zeros. The fused C decode step then reads a matrix with few enough
+non-zeros as CSR (slmkit.infer.fused), not as its dense zeros.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -27,14 +33,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from slmkit import checkpoint
-from slmkit.config import ModelConfig
+from slmkit.checkpoint import SPARSE_COLS as COLS
+from slmkit.checkpoint import SPARSE_MASK as MASK
+from slmkit.checkpoint import SPARSE_ROWS as ROWS
+from slmkit.checkpoint import SPARSE_VALUES as VALUES
 from slmkit.errors import SlmError
 from slmkit.model import GPT
-from slmkit.tokenizer import Tokenizer
 
-MASK, VALUES = ".sparse_mask", ".sparse_values"
-FORMAT = "slmkit-sparse/1 (bitmask + values)"
-_BITS = 2 ** torch.arange(8, dtype=torch.uint8)  # bit i of a mask byte: element 8·j + i
+FORMAT = "slmkit-sparse/2 (bitmask or column indices + values)"
+VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_BITS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
 def encode(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,73 +53,92 @@ def encode(t: Tensor) -> tuple[Tensor, Tensor]:
     return (bits * _BITS).sum(1, dtype=torch.uint8), flat[keep].contiguous()
 
 
+def encode_indices(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(cols, row counts, values) of `t` (last dim ≤ 65536): each non-zero element's column and the elements, row-major,
+    and how many each row holds."""
+    rows = t.detach().reshape(-1, t.shape[-1])
+    keep = rows != 0
+    cols = keep.nonzero()[:, 1].to(torch.uint16)
+    return cols, keep.sum(1, dtype=torch.int32), rows[keep].contiguous()
+
+
 def decode(mask: Tensor, values: Tensor, shape: torch.Size | tuple[int, ...], name: str = "") -> Tensor:
-    """The dense tensor of `shape` that `encode` stored as (mask, values); a mask that does not fit is an SlmError."""
-    n = math.prod(shape)
-    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != (n + 7) // 8 or values.dim() != 1:
-        raise SlmError(f"{name}: a sparse mask of {mask.numel()} bytes does not describe {list(shape)}")
-    keep = ((mask[:, None] & _BITS) != 0).view(-1)
-    if keep[n:].any() or int(keep.sum()) != values.numel():
-        raise SlmError(f"{name}: the sparse mask marks {int(keep.sum())} elements for {values.numel()} values")
-    out = torch.zeros(n, dtype=values.dtype)
-    out[keep[:n]] = values
-    return out.view(shape)
+    """The dense fp32 tensor of `shape` that `encode` stored as (mask, values); a mask that does not fit is an
+    SlmError."""
+    return checkpoint.decode_sparse({"t" + MASK: mask, "t" + VALUES: values}, "t", shape, name)
+
+
+def _value_dtype(t: Tensor, values: str) -> torch.dtype:
+    if values not in VALUE_DTYPES:
+        raise SlmError(f"sparse values={values!r} is not one of {', '.join(VALUE_DTYPES)}")
+    exact = t.dtype == torch.float32 and bool((t.contiguous().view(torch.int32) & 0xFFFF).eq(0).all())
+    return torch.bfloat16 if exact else VALUE_DTYPES[values]
+
+
+def layout(t: Tensor, values: str = "fp32") -> tuple[str, int]:
+    """How `t` is stored — "bitmask", "indices" or "dense" — and its bytes that way."""
+    n, nnz, width = t.numel(), int((t != 0).sum()), t.shape[-1] if t.dim() else 1
+    v = torch.tensor([], dtype=_value_dtype(t, values)).element_size()
+    options = {"dense": n * t.element_size(), "bitmask": (n + 7) // 8 + nnz * v}
+    if t.dim() and width <= 65536:
+        options["indices"] = 2 * nnz + 4 * (n // width) + nnz * v
+    best = min(options, key=options.__getitem__)
+    return best, options[best]
 
 
 def sparse_bytes(t: Tensor) -> int:
-    """Bytes of `t` in the sparse layout: one bit per element plus its non-zero elements."""
-    return (t.numel() + 7) // 8 + int((t != 0).sum()) * t.element_size()
+    """Bytes of `t` stored sparse with fp32 values, in the smaller layout."""
+    return layout(t)[1]
 
 
-def _sparse_keys(sd: dict[str, Tensor], names: set[str]) -> list[str]:
-    """The tensors of `names` that the sparse layout stores in fewer bytes than the dense one."""
-    return [k for k in names if sparse_bytes(sd[k]) < sd[k].numel() * sd[k].element_size()]
-
-
-def storage(model: GPT, names: set[str]) -> dict[str, object]:
-    """What `write_model(…, names)` stores sparse: the layout, how many tensors, and their bytes sparse vs dense."""
+def storage(model: GPT, names: set[str], values: str = "fp32") -> dict[str, object]:
+    """What `write_model(…, names, values)` stores sparse: the layout, how many tensors (in each layout), their bytes
+    sparse vs dense and the values' dtype."""
     sd = checkpoint._state_dict(model)
-    keys = _sparse_keys(sd, names)
-    return {"format": FORMAT if keys else "dense", "sparse_tensors": len(keys),
-            "sparse_bytes": sum(sparse_bytes(sd[k]) for k in keys),
-            "dense_bytes": sum(sd[k].numel() * sd[k].element_size() for k in keys)}
+    how = {k: layout(sd[k], values) for k in names}
+    sparse = {k: v for k, v in how.items() if v[0] != "dense"}
+    return {"format": FORMAT if sparse else "dense", "sparse_tensors": len(sparse),
+            "bitmask_tensors": sum(v[0] == "bitmask" for v in sparse.values()),
+            "index_tensors": sum(v[0] == "indices" for v in sparse.values()), "values": values,
+            "sparse_bytes": sum(v[1] for v in sparse.values()),
+            "dense_bytes": sum(sd[k].numel() * sd[k].element_size() for k in sparse)}
 
 
-def write_model(directory: str | Path, model: GPT, names: set[str]) -> None:
+def write_model(directory: str | Path, model: GPT, names: set[str], values: str = "fp32") -> None:
     """model.safetensors + config.json like `checkpoint.write_model`, with the tensors `names` (state-dict keys)
-    stored sparse where that is smaller."""
+    stored sparse where that is smaller, their values as `values` ("fp32" or "bf16")."""
     directory = Path(directory)
     sd = checkpoint._state_dict(model)
-    for key in _sparse_keys(sd, names):
+    for key in names:
+        how, _ = layout(sd[key], values)
+        if how == "dense":
+            continue
         t = sd.pop(key)
-        sd[key + MASK], sd[key + VALUES] = encode(t)
+        dtype = _value_dtype(t, values)
+        if how == "bitmask":
+            sd[key + MASK], vals = encode(t)
+        else:
+            sd[key + COLS], sd[key + ROWS], vals = encode_indices(t)
+        sd[key + VALUES] = vals.to(dtype).contiguous()
     save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt", "sparse": FORMAT})
     model.config.save(directory / "config.json")
 
 
+def round_values(model: GPT, names: set[str], values: str) -> None:
+    """Round the tensors `names` of `model` in place to what `write_model(…, values)` stores (bf16: to bf16)."""
+    if VALUE_DTYPES.get(values, torch.float32) == torch.float32:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in names:
+            params[key].copy_(params[key].to(VALUE_DTYPES[values]).float())
+
+
 def read_model(directory: str | Path) -> GPT:
-    """The fp32 model of a checkpoint directory, its sparse tensors (if any) decoded to dense ones; a checkpoint with
-    none loads exactly as `checkpoint.read_model` does."""
-    directory = Path(directory)
-    cfg = ModelConfig.load(directory / "config.json")
-    file = directory / "model.safetensors"
-    sd = checkpoint.read_weights(file)
-    if not any(k.endswith(MASK) for k in sd):
-        return checkpoint.model_from_state_dict(cfg, sd, str(file)).eval()
-
-    def densify(model: GPT) -> None:  # the still-empty (meta) model gives the shapes
-        shapes = {k: t.shape for k, t in model.state_dict().items()}
-        for key in [k[: -len(MASK)] for k in sd if k.endswith(MASK)]:
-            if key not in shapes or key + VALUES not in sd:
-                raise SlmError(f"{file}: sparse tensor {key} does not belong to this model; the file is truncated or "
-                               f"tampered — prune the parent again")
-            sd[key] = decode(sd.pop(key + MASK), sd.pop(key + VALUES), shapes[key], f"{file}: {key}")
-
-    return checkpoint.model_from_state_dict(cfg, sd, str(file), prepare=densify).eval()
+    """`checkpoint.read_model`, which decodes sparse tensors itself (kept for callers of this module)."""
+    return checkpoint.read_model(directory)
 
 
 def load(path: str | Path) -> checkpoint.Checkpoint:
-    """`checkpoint.load` for any checkpoint (or a run's latest) — a pruned one's sparse tensors decoded."""
-    ckpt = checkpoint.resolve(path)
-    return checkpoint.Checkpoint(ckpt, read_model(ckpt), Tokenizer.load(ckpt / "tokenizer.json"),
-                                 checkpoint.read_json(ckpt / "meta.json"))
+    """`checkpoint.load`, which decodes sparse tensors itself (kept for callers of this module)."""
+    return checkpoint.load(path)

@@ -8,6 +8,7 @@ then decodes through PyTorch, which computes the same function (tests compare th
 configuration). Dense and Mixture-of-Experts FFNs are both covered, and every KV cache storage (fp32, bf16, int8:
 KVCache). Linear layers may be fp32 `nn.Linear` or int8/int4/bf16 `QuantLinear`, expert stacks fp32 parameters or
 int8/int4/bf16 `QuantExperts` (slmkit.compress.quantize), mixed freely; the C step reads the packed weights in place.
+An fp32 linear that pruning left mostly zeros is read as CSR (its non-zeros and their columns: `_sparse`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,23 @@ def _linear(mod: nn.Module) -> kernels.Mat | None:
     if isinstance(mod, QuantLinear):
         return kernels.mat(mod.weight, mod.scale, mod.bias)
     if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.is_contiguous():
-        return kernels.mat(mod.weight.detach(), None, None if mod.bias is None else mod.bias.detach())
+        return _sparse(mod) or kernels.mat(mod.weight.detach(), None, None if mod.bias is None else mod.bias.detach())
     return None
+
+
+def _sparse(mod: nn.Linear) -> kernels.Mat | None:
+    """The CSR view of a pruned fp32 layer whose share of non-zeros is at most kernels.CSR_MAX_DENSITY (faster than
+    the dense kernel there), else None; cached on the module until its weight changes, like _experts."""
+    w = mod.weight
+    key = (w.data_ptr(), w._version, None if mod.bias is None else (mod.bias.data_ptr(), mod.bias._version))
+    cached = getattr(mod, "_fused_csr", None)
+    if cached is None or cached[0] != key:
+        view = None
+        if w.shape[1] <= 65536 and kernels.density(w) <= kernels.CSR_MAX_DENSITY:
+            view = kernels.csr(w, mod.bias)
+        cached = (key, view)
+        object.__setattr__(mod, "_fused_csr", cached)  # a plain attribute: not a buffer, never saved
+    return None if cached[1] is None else cached[1][0]
 
 
 class _Step:

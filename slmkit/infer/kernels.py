@@ -1,6 +1,6 @@
-"""CPU inference kernels in C: weight-only int8 / int4 / bf16 / fp32 matrix products for small batches, and a fused
-decode step for dense transformers: one token for each of a batch of sequences (slmkit/infer/csrc/kernels.c explains
-the numerics).
+"""CPU inference kernels in C: weight-only int8 / int4 / bf16 / fp32 and sparse (CSR) matrix products for small
+batches, and a fused decode step for dense transformers: one token for each of a batch of sequences
+(slmkit/infer/csrc/kernels.c explains the numerics).
 
 Why: decoding one token reads every weight once, so on CPU its speed is the memory bandwidth divided by the bytes of
 the weights (fp32 4 per parameter, bf16 2, int8 1 + one fp32 scale per output row, int4 0.5 + one fp16 scale per
@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +42,13 @@ COMPILE_TIMEOUT_S = 30
 KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2, torch.uint8: 3}  # uint8: int4, two weights a byte
 QBLOCK = 64  # activations are quantized in blocks of this many values for int8 weights
 Q4BLOCK = 32  # int4: the weights' packing block, and the activations' quantization block
+W_CSR32, W_CSR16 = 4, 5  # sparse weights: CSR with fp32 or bf16 values (kernels.c csr_matmul)
+CSR_T_MIN = 4  # kernels.c: from this many activation rows on, the CSR product transposes them instead of gathering
+# A matrix with at most this share of non-zero weights decodes faster as CSR than dense (fused.py picks it per
+# matrix). Decided on the whole batch-1 decode step of a trained model pruned to 50-90 % (CSR forced vs dense,
+# interleaved; docs/benchmarks.md): the crossover lies between 60 and 70 % zeros. Single matrices timed in a loop
+# (bench/prune.py --csr-sweep) sit in cache and favour the dense kernel, so they do not decide it.
+CSR_MAX_DENSITY = 0.3
 # Prefill widens this many bytes of fp32 weights at a time: L2-sized, so PyTorch's GEMM finds them in cache.
 WIDEN_BYTES = 1 << 20
 
@@ -54,11 +62,12 @@ MOE_SCRATCH = ("ew", "eg", "xe", "eo", "esel", "epair", "eplace", "estart")
 
 class Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("N", ctypes.c_int), ("K", ctypes.c_int), ("kind", ctypes.c_int), ("group", ctypes.c_int)]
+                ("N", ctypes.c_int), ("K", ctypes.c_int), ("kind", ctypes.c_int), ("group", ctypes.c_int),
+                ("col", ctypes.c_void_p), ("off", ctypes.c_void_p)]
 
 
 class Acts(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "qs", "b16", "xc", "bc")]
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "qs", "b16", "xc", "bc", "xt")]
 
 
 class Layer(ctypes.Structure):
@@ -215,6 +224,56 @@ def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Ten
     return Mat(_ptr(weight), _ptr(scale), _ptr(bias), N, K, KINDS[weight.dtype], group)
 
 
+def csr(weight: torch.Tensor, bias: torch.Tensor | None = None,
+        values: torch.dtype | None = None) -> tuple[Mat, tuple[torch.Tensor, ...]]:
+    """A C view of the non-zero weights of an fp32 (N, K) `weight` in CSR form, and the tensors it points into (keep
+    them alive as long as the Mat). `values`: torch.float32 or torch.bfloat16; None picks bf16 when every weight is
+    exactly a bf16 number (a checkpoint stored with bf16 values: no rounding, fewer bytes), else fp32. K ≤ 65536
+    (uint16 column indices)."""
+    w = weight.detach()
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] > 65536:
+        raise ValueError(f"CSR needs a 2-D fp32 weight of at most 65536 columns, not {w.dtype} {list(w.shape)}")
+    if values is None:
+        values = torch.bfloat16 if is_bf16_exact(w) else torch.float32
+    if values not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"CSR values are fp32 or bf16, not {values}")
+    nz = w != 0
+    off = torch.zeros(w.shape[0] + 1, dtype=torch.int32)
+    off[1:] = nz.sum(1).cumsum(0)
+    col = torch.from_numpy(nz.nonzero()[:, 1].numpy().astype(np.uint16))  # row-major, like w[nz]
+    val = w[nz].to(values).contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    kind = W_CSR16 if values == torch.bfloat16 else W_CSR32
+    m = Mat(val.data_ptr(), None, _ptr(b), w.shape[0], w.shape[1], kind, 0, col.data_ptr(), off.data_ptr())
+    return m, tuple(t for t in (val, col, off, b) if t is not None)
+
+
+def is_bf16_exact(w: torch.Tensor) -> bool:
+    """Whether every element of the fp32 tensor `w` is a bf16 number (its low 16 bits are zero)."""
+    return bool((w.detach().contiguous().view(torch.int32) & 0xFFFF).eq(0).all())
+
+
+def density(w: torch.Tensor) -> float:
+    """The share of non-zero elements of `w`."""
+    return float(w.detach().ne(0).sum()) / max(1, w.numel())
+
+
+def sparse_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  values: torch.dtype | None = None) -> torch.Tensor:
+    """x (M, K) fp32 @ weightᵀ + bias → (M, N) fp32 through the CSR kernel (`csr`); for tests and measurements."""
+    if not available():
+        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    m, _keep = csr(weight, bias, values)  # _keep: the tensors m points into, alive for the call
+    x = x.contiguous().float()
+    if x.dim() != 2 or x.shape[1] != m.K:
+        raise ValueError(f"x {list(x.shape)} does not match the weight's {m.K} input features")
+    y = torch.empty(x.shape[0], m.N, dtype=torch.float32)
+    scratch = _Scratch(*x.shape)
+    _lib.slm_matmul(ctypes.byref(m), x.data_ptr(), x.shape[0], y.data_ptr(),  # type: ignore[union-attr]
+                    ctypes.byref(scratch.acts), torch.get_num_threads())
+    return y
+
+
 class _Scratch:
     """Activation buffers in the forms the kernels want (int8 blocks, bf16), for up to `rows` × `k` values."""
 
@@ -225,7 +284,9 @@ class _Scratch:
         self.b16 = torch.empty(n, dtype=torch.int16)
         self.xc = torch.empty(max(1, n // 4), dtype=torch.int32)  # int4: per-lane corrections
         self.bc = torch.empty(max(1, n // Q4BLOCK), dtype=torch.int32)  # VNNI tiles: per-block corrections
-        self.acts = Acts(*(t.data_ptr() for t in (self.q, self.qs, self.b16, self.xc, self.bc)))
+        # CSR weights: the activations transposed in chunks of 16 rows; batch-1 scratch leaves it NULL (gathers)
+        self.xt = torch.zeros(-(-rows // 16) * 16 * k) if rows >= CSR_T_MIN else None
+        self.acts = Acts(*(t.data_ptr() for t in (self.q, self.qs, self.b16, self.xc, self.bc)), _ptr(self.xt))
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,

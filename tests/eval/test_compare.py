@@ -1,22 +1,28 @@
-"""`slm compare`: Pareto front, classification, eval.json reuse, the report directory and its files, and the recipe at
-a tiny budget. (What `slm eval` records so compare can reuse it: test_eval_run.py.)"""
+"""`slm compare`: Pareto front, classification, eval.json reuse, the report directory and its files, compressed runs
+beside their parents (KL, Δbpb). (What `slm eval` records so compare can reuse it:
+test_eval_run.py; the spectrum recipe's rows: tests/recipes/test_spectrum.py.)"""
 
 import json
 import math
 import re
+import shutil
 
 import pytest
 
 import slmkit.eval
 from slmkit.cli import main
+from slmkit.compress.factorize import factorize_run
+from slmkit.compress.prune import prune_run
+from slmkit.config import ModelConfig, TrainConfig
 from slmkit.errors import SlmError
-from slmkit.eval.compare import Request, compare
+from slmkit.eval.compare import Request, compare, parent_of
 from slmkit.eval.evaluate import checkpoint_stamp
 from slmkit.eval.pareto import classify, pareto_front
 from slmkit.model.ngram import train_ngram
-from slmkit.recipes.spectrum import run_recipe
 from slmkit.run import kind_of, read_meta
 from slmkit.runtime import available_cores
+from slmkit.tokenizer import Tokenizer
+from slmkit.train import train
 
 
 def test_pareto_front_minimising_both_axes():
@@ -36,13 +42,29 @@ def test_pareto_front_maximising_x_and_skipping_missing_values():
     ("ngram", {}, "char", 10**7, "n-gram"),
     ("imported", {"attention": "full"}, "bpe:49152", 1.3e8, "imported pretrained"),
     ("dense", {"moe_experts": 8, "attention": "full"}, "bpe:2048", 3e6, "MoE"),
-    ("dense", {"moe_experts": 0, "attention": "local"}, "bpe:2048", 3e6, "sparse-attention"),
+    ("dense", {"moe_experts": 0, "attention": "local"}, "bpe:2048", 3e6, "sliding-window"),
+    ("dense", {"attention": "blocksparse"}, "bpe:2048", 3e6, "block-sparse"),
+    ("dense", {"attention": "linear"}, "bpe:2048", 3e6, "Performer (linear)"),
+    ("dense", {"attention": "lsh"}, "bpe:2048", 3e6, "Reformer (LSH)"),
+    ("dense", {"attention": "full", "share_mlp": True}, "bpe:2048", 3e6, "shared-FFN"),
+    ("dense", {"attention": "full", "lowrank": 64}, "bpe:2048", 3e6, "low-rank"),
     ("dense", {"attention": "full"}, "byte", 8e5, "super-tiny"),
     ("dense", {"attention": "full"}, "byte", 3e6, "small dense"),
     (None, {}, "bpe:2048", 3e6, "small dense"),
 ])
 def test_classify(model_class, config, tokenizer, params, expected):
     assert classify(model_class, config, tokenizer, params) == expected
+
+
+def test_classify_a_model_made_from_another_by_how_it_was_made():
+    dense = ("dense", {"attention": "full"}, "bpe:2048", 3e6)
+    assert classify(*dense, kind="quantize") == "quantized"
+    assert classify(*dense, kind="prune", sparsity=0.5) == "pruned"
+    assert classify(*dense, kind="prune", sparsity=0.9) == "very sparse"  # ≥ 90 % zeros, however it got there
+    assert classify(*dense, kind="prune", sparsity=0.89999) == "very sparse"  # int(0.9 · K) of each matrix
+    assert classify(*dense, kind="prune", sparsity=0.89) == "pruned"
+    assert classify(*dense, kind="distill") == "distilled"
+    assert classify("dense", {"lowrank": 16}, "bpe:2048", 3e6, kind="factorize") == "low-rank"
 
 
 FAKE = {  # name: (model_class, config, tokenizer, params total/active, bpb val/folio, decode tok/s, train time)
@@ -94,15 +116,18 @@ def test_compare_reuses_eval_json_and_writes_the_report(tmp_path, monkeypatch):
     assert rows["big"]["train_time_s"] is None and rows["big"]["tasks"]["mmlu"]["acc"] == 0.25
     assert rows["ng"]["bpb"] == {"shakespeare:val": 2.2, "shakespeare:folio": 2.8}
     assert rows["ng"]["decode_bytes_s"] == pytest.approx(2 * rows["ng"]["decode_tok_s"])  # 20 bytes / 10 tokens
-    assert res["pareto"] == {"size": ["ng", "tiny", "moe"], "speed": ["ng", "tiny", "moe"]}
+    # every model has the same bytes on disk and peak memory here: the best bpb alone is on those fronts
+    assert res["pareto"] == {"size": ["moe"], "memory": ["moe"], "speed": ["ng", "tiny", "moe"]}
     assert json.loads((out / "compare.json").read_text())["pareto"] == res["pareto"]
     md = (out / "report.md").read_text()
-    assert "| big | imported pretrained | 135M |" in md and "| moe†‡ | MoE | 3.00M | 1.50M |" in md
+    assert "| big | imported pretrained | 1 KB | 300 | 135M |" in md
+    assert "| moe†§‡ | MoE | 1 KB | 300 | 3.00M | 1.50M |" in md
     assert "mmlu acc" in md and "![size.png](size.png)" in md
-    for png in ("size.png", "speed.png"):
+    assert "KL to parent |" not in md  # no such column: nothing here was made from another model
+    for png in ("size.png", "memory.png", "speed.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3
     assert not re.search(r'src="(?!data:)', page)  # self-contained: no external image
 
 
@@ -126,31 +151,68 @@ def test_compare_measures_what_is_missing_then_reuses_it(tiny_data, tmp_path, mo
     assert again["rows"][0]["bpb"] == row["bpb"]
 
 
-@pytest.mark.slow
-def test_recipe_at_a_tiny_budget(tiny_data, tmp_path):
-    corpus = str(tiny_data.parent / "corpus")
-    notes = []
-    models = [("ngram-3", "ngram-3", "char"), ("tiny-gpt", "gpt-0.8m", "byte"), ("nope", "no-such-preset", "char")]
-    overrides = dict(max_steps=2, batch_size=2, eval_batches=1, threads=1, warmup_steps=1)
-    res = run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models, imported=False, threads=1,
-                     train_overrides=overrides, efficiency=False, progress=False, say=notes.append)
-    assert [r["name"] for r in res["rows"]] == ["ngram-3", "tiny-gpt"]
-    assert [r["class"] for r in res["rows"]] == ["n-gram", "super-tiny"]  # gpt-0.8m at vocab 259: 0.83M params
-    assert any("skipping nope" in n for n in notes)
-    assert res["lm_sets"] == [f"{corpus}:val"]
-    assert {p.name for p in (tmp_path / "spec").iterdir()} >= {"data-char", "data-byte", "runs", "report.md"}
-    recipe = read_meta(tmp_path / "spec", kinds=("report",))["lineage"]["recipe"]
-    assert recipe["recipe"] == "spectrum" and recipe["lm_sets"] == [f"{corpus}:val"] and len(recipe["runs"]) == 2
-    notes.clear()
-    run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models[:2], imported=False, threads=1,
-               train_overrides=overrides, efficiency=False, progress=False, say=notes.append)
-    assert sum("reusing the finished run" in n for n in notes) == 2  # an interrupted recipe resumes, not restarts
-    notes.clear()
-    run_recipe(tmp_path / "spec", budget="1m", corpus=corpus, models=models[:2], imported=False,
-               train_overrides={**overrides, "optimizer": "adamw", "threads": 2}, efficiency=False, progress=False,
-               say=notes.append)  # another optimizer retrains the network (threads alone would not)
-    assert [n.partition(":")[0] for n in notes if "reusing the finished run" in n] == ["ngram-3"]
-    assert any("tiny-gpt: training" in n for n in notes)
+# --- compressed runs beside their parents ----------------------------------------------------------------------------
+
+# Llama style, mlp_hidden 192: wide enough for rank-8 factors and channel pruning
+TINY = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=32, pos="rope", norm="rmsnorm",
+                   mlp="swiglu")
+
+
+@pytest.fixture(scope="module")
+def family(tiny_data, tmp_path_factory):
+    """A tiny trained run and two models made from it by the real stages: pruned to half its weights, factorised."""
+    root = tmp_path_factory.mktemp("family")
+    parent = root / "parent"
+    train(tiny_data, parent, TINY, TrainConfig(max_steps=20, batch_size=4, threads=1, precision="fp32",
+                                               eval_windows=4, warmup_steps=2), progress=False)
+    pruned = prune_run(parent, root / "pruned", method="magnitude", sparsity=0.5)
+    low = factorize_run(parent, root / "lowrank", rank=8)
+    return parent, pruned, low
+
+
+def test_kl_and_delta_bpb_to_the_parent_for_pruned_and_factorized_runs(family, tiny_data, tmp_path):
+    parent, pruned, low = family
+    sets = [f"{tiny_data.parent / 'corpus'}:val"]
+    res = compare([parent, pruned, low], tmp_path / "r", lm_sets=sets, efficiency=False, threads=1,
+                  say=lambda s: None)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert {n: rows[n]["class"] for n in rows} == {"parent": "small dense", "pruned": "pruned", "lowrank": "low-rank"}
+    assert rows["parent"]["parent"] is None and rows["parent"]["kl"] is None
+    for name, kind in (("pruned", "prune"), ("lowrank", "factorize")):
+        r = rows[name]
+        assert r["compressed"] == kind and r["parent_name"] == "parent" and r["bpb_delta_from"] == "table"
+        assert r["kl"] > 0 and r["kl_note"] is None  # the weights changed, so the distribution did
+        assert r["bpb_delta_pct"] == pytest.approx(100 * (r["bpb"][sets[0]] / rows["parent"]["bpb"][sets[0]] - 1))
+        # the KL pass scores both models on the same windows as bits per byte does: the same numbers
+        assert r["kl_bpb"] == pytest.approx(r["bpb"][sets[0]], rel=1e-4)
+        assert r["kl_parent_bpb"] == pytest.approx(rows["parent"]["bpb"][sets[0]], rel=1e-4)
+    assert rows["pruned"]["params_nonzero"] < rows["pruned"]["params_total"]
+    assert rows["pruned"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Δbpb vs parent" in md and "KL to parent" in md and "non-zero" in md
+    assert f"{rows['lowrank']['kl']:.4f}" in md and "(parent)" in md
+
+    # without its parent in the comparison: Δbpb from the KL pass's own scoring of both (marked *), eval.json reused
+    notes: list[str] = []
+    alone = compare([pruned], tmp_path / "r2", lm_sets=sets, efficiency=False, threads=1, say=notes.append)
+    r = alone["rows"][0]
+    assert r["bpb_delta_from"] == "kl" and r["parent_name"] == "parent" and r["kl"] == rows["pruned"]["kl"]
+    assert r["bpb_delta_pct"] == pytest.approx(rows["pruned"]["bpb_delta_pct"], rel=1e-3)
+    assert any("reusing" in n for n in notes)
+    assert "%* (parent)" in (tmp_path / "r2" / "report.md").read_text()
+
+
+def test_a_parent_with_another_tokenizer_is_noted_not_measured(family, tmp_path):
+    parent, pruned, _ = family
+    assert parent_of(parent) is None  # trained from data, not made from a model
+    p = parent_of(pruned)
+    assert p.kind == "prune" and p.name == "parent" and p.note is None
+    assert p.path == str(sorted((parent / "checkpoints").iterdir())[-1].resolve())
+    odd = tmp_path / "odd"
+    shutil.copytree(pruned, odd)
+    Tokenizer.train("char", ["a different alphabet: xyz 0123"]).save(odd / "tokenizer.json")
+    p = parent_of(odd)
+    assert p.name == "parent" and "tokenize differently" in p.note
 
 
 def test_cli_compare(tmp_path, capsys):

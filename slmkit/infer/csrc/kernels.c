@@ -18,6 +18,9 @@
  *     AVX-512 VNNI (vpdpbusd, in tiles of 16 weight rows: tile_int4), else AVX2 (vpmaddubsw), else scalar.
  *   - bf16: activations are rounded to bf16 and multiplied with AVX-512 BF16 (vdpbf16ps); without it, widened.
  *   - fp32: fused multiply-add.
+ *   - csr (sparse, fp32 or bf16 values): each row's non-zero weights, their uint16 column indices and int32 row
+ *     offsets (N + 1). A very sparse model (90 % zeros, slmkit.compress.prune --gradual) reads a fraction of the
+ *     dense bytes per token; the activations a row needs are gathered by column. See csr_matmul.
  * Every vector loop has an AVX-512 path, an AVX2 + FMA one (most laptops, AMD before Zen 4) and a scalar fallback:
  * scalar fp32 reductions are chains of dependent adds (C's float order forbids the compiler to vectorize them), several
  * times slower than PyTorch's GEMV (docs/benchmarks.md, 2026-12-02).
@@ -32,7 +35,7 @@
 #include <immintrin.h>
 #endif
 
-enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2, W_INT4 = 3 };
+enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2, W_INT4 = 3, W_CSR32 = 4, W_CSR16 = 5 }; /* CSR16: bf16 values */
 #define QBLOCK 64  /* activation block for int8 weights */
 #define Q4BLOCK 32 /* int4: nibble-packing block of the weights, and the activation block */
 #define TILE 16    /* int8 and int4 weights with VNNI: rows per tile (tile_q8, tile_int4) */
@@ -51,6 +54,8 @@ typedef struct {
   const float* bias;  /* (N,) or NULL */
   int N, K, kind;
   int group;          /* int4: weights per scale, Q4BLOCK x a power of two */
+  const uint16_t* col; /* csr: column of each stored value (nnz,), rows in order; else NULL */
+  const int32_t* off;  /* csr: (N + 1,) row n's values are off[n] .. off[n+1]-1; else NULL */
 } Mat;
 
 /* Activation scratch: x (M, K) in the form the weight kind wants. */
@@ -60,6 +65,7 @@ typedef struct {
   uint16_t* b16;  /* bf16: M * K */
   int32_t* xc;    /* int4: -8 x the sum of each 4 consecutive int8 activations, M * K / 4 (dot_int4) */
   int32_t* bc;    /* VNNI tiles: -128 (int8) or -8 (int4) x the sum of each block's activations, M * K / Q4BLOCK */
+  float* xt;      /* csr, M >= CSR_T_MIN: x transposed in chunks of 16 rows, (ceil(M / 16), K, 16) */
 } Acts;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -600,8 +606,139 @@ static void row(const Mat* A, const float* x, const Acts* acts, int M, int n, fl
   }
 }
 
+/* --- sparse (CSR) weights -----------------------------------------------------------------------------------
+ * A row's dot product with activation row m sums v_j x[m, col_j] over its stored values j in 16 lanes: lane l takes
+ * the j with (j - off[n]) % 16 == l, in order, one fused multiply-add each; the lanes are then added in a fixed tree
+ * (sum16). Every path below computes exactly that, so a row's result does not depend on M or on which path ran
+ * (tests compare a batched step with batch-1 decoding for equality). Against the dense kinds it differs only by
+ * float rounding: the same products, summed in another order.
+ *   - M < CSR_T_MIN (batch-1 decoding): per activation row, 16 values at a time, the activations gathered by column
+ *     (vgatherdps), since x (K floats) sits in L1.
+ *   - M >= CSR_T_MIN: x is first transposed into chunks of 16 rows (Acts.xt), so each stored value multiplies the
+ *     16 rows' activations of its column with one broadcast and one contiguous load, and no gathers. */
+#ifndef CSR_T_MIN
+#define CSR_T_MIN 4
+#endif
+
+static inline int is_csr(const Mat* A) { return A->kind == W_CSR32 || A->kind == W_CSR16; }
+static inline float csr_val(const Mat* A, int32_t j) {
+  return A->kind == W_CSR16 ? bf16_to_f32(((const uint16_t*)A->w)[j]) : ((const float*)A->w)[j];
+}
+static inline float sum16(const float* t) { /* the lanes' fixed reduction tree: (l, l+8), (l, l+4), (l, l+2), (0, 1) */
+  float a[8];
+  for (int l = 0; l < 8; l++) a[l] = t[l] + t[l + 8];
+  for (int l = 0; l < 4; l++) a[l] += a[l + 4];
+  for (int l = 0; l < 2; l++) a[l] += a[l + 2];
+  return a[0] + a[1];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* sum16 of the 16 lanes of v, in registers: the same additions in the same tree */
+static inline float sum16_512(__m512 v) {
+  const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+  const __m128 a2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+  return _mm_cvtss_f32(_mm_add_ss(a2, _mm_movehdup_ps(a2)));
+}
+
+/* 16 stored values from j as fp32; lanes outside `k` are zero */
+static inline __m512 csr_vals16(const Mat* A, int32_t j, __mmask16 k) {
+  if (A->kind == W_CSR16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t*)A->w + j)), 16));
+  return _mm512_maskz_loadu_ps(k, (const float*)A->w + j);
+}
+#endif
+
+/* y[m, n] for every m < M: row n against each activation row in turn (gathering x by column). */
+static void csr_row(const Mat* A, const float* x, int M, int n, float* y) {
+  const int32_t o0 = A->off[n], o1 = A->off[n + 1];
+  const float bias = A->bias ? A->bias[n] : 0.f;
+  for (int m = 0; m < M; m++) {
+    const float* xr = x + (size_t)m * A->K;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512 acc = _mm512_setzero_ps();
+    int32_t j = o0;
+    for (; j + 16 <= o1; j += 16) {
+      const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(A->col + j)));
+      acc = _mm512_fmadd_ps(csr_vals16(A, j, 0xFFFF), _mm512_i32gather_ps(idx, xr, 4), acc);
+    }
+    if (j < o1) { /* the lanes past the row's end keep their sums */
+      const __mmask16 k = (__mmask16)((1u << (o1 - j)) - 1);
+      const __m512i idx = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, A->col + j));
+      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, xr, 4);
+      acc = _mm512_mask3_fmadd_ps(csr_vals16(A, j, k), xv, acc, k);
+    }
+    y[(size_t)m * A->N + n] = sum16_512(acc) + bias;
+#else
+    float lane[16];
+    for (int l = 0; l < 16; l++) lane[l] = 0.f;
+    for (int32_t j = o0; j < o1; j++) lane[(j - o0) & 15] = fmaf(csr_val(A, j), xr[A->col[j]], lane[(j - o0) & 15]);
+    y[(size_t)m * A->N + n] = sum16(lane) + bias;
+#endif
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* y[m, n] for every m < M from the transposed activations xt (ceil(M / 16) chunks of (K, 16)): a[l] holds lane l's
+   sums of the chunk's 16 rows, so the tree of sum16 is taken across the vectors. */
+static void csr_row_t(const Mat* A, const float* xt, int M, int n, float* y) {
+  const int32_t o0 = A->off[n], o1 = A->off[n + 1];
+  const float bias = A->bias ? A->bias[n] : 0.f;
+  for (int c = 0; c * 16 < M; c++) {
+    const float* xc = xt + (size_t)c * A->K * 16;
+    __m512 a[16];
+    for (int l = 0; l < 16; l++) a[l] = _mm512_setzero_ps();
+    int32_t j = o0;
+    for (; j + 16 <= o1; j += 16)
+      for (int l = 0; l < 16; l++)
+        a[l] = _mm512_fmadd_ps(_mm512_set1_ps(csr_val(A, j + l)), _mm512_loadu_ps(xc + (size_t)A->col[j + l] * 16),
+                               a[l]);
+    for (int l = 0; l < 16; l++) /* a constant trip count, unrolled: a[] stays in registers */
+      if (j + l < o1)
+        a[l] = _mm512_fmadd_ps(_mm512_set1_ps(csr_val(A, j + l)), _mm512_loadu_ps(xc + (size_t)A->col[j + l] * 16),
+                               a[l]);
+    for (int l = 0; l < 8; l++) a[l] = _mm512_add_ps(a[l], a[l + 8]);
+    for (int l = 0; l < 4; l++) a[l] = _mm512_add_ps(a[l], a[l + 4]);
+    for (int l = 0; l < 2; l++) a[l] = _mm512_add_ps(a[l], a[l + 2]);
+    float out[16];
+    _mm512_storeu_ps(out, _mm512_add_ps(a[0], a[1]));
+    for (int i = 0; i < 16 && c * 16 + i < M; i++) y[(size_t)(c * 16 + i) * A->N + n] = out[i] + bias;
+  }
+}
+#endif
+
+/* y (M, N) = x (M, K) @ W^T (+ bias) for a CSR matrix. Call from inside a parallel region. Static schedule: rows of a
+   magnitude-pruned matrix differ in length, but a thread's share of hundreds of rows evens that out. */
+static void csr_matmul(const Mat* A, const float* x, int M, float* y, Acts* acts) {
+  const int K = A->K;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (M >= CSR_T_MIN && acts->xt) {
+    const int Mp = (M + 15) & ~15; /* the last chunk's unused rows are zeros */
+    #pragma omp for schedule(static)
+    for (int m = 0; m < Mp; m++) {
+      float* t = acts->xt + (size_t)(m / 16) * K * 16 + m % 16;
+      if (m < M) for (int k = 0; k < K; k++) t[(size_t)k * 16] = x[(size_t)m * K + k];
+      else for (int k = 0; k < K; k++) t[(size_t)k * 16] = 0.f;
+    }
+    #pragma omp for schedule(static)
+    for (int n = 0; n < A->N; n++) csr_row_t(A, acts->xt, M, n, y);
+    return;
+  }
+#else
+  (void)acts; (void)K;
+#endif
+  #pragma omp for schedule(static)
+  for (int n = 0; n < A->N; n++) csr_row(A, x, M, n, y);
+}
+
 /* y (M, N) = x (M, K) @ W^T (+ bias). Call from inside a parallel region: all threads must call it. */
 static void matmul(const Mat* A, const float* x, int M, float* y, Acts* acts) {
+  if (is_csr(A)) {
+    csr_matmul(A, x, M, y, acts);
+    return;
+  }
   #pragma omp for schedule(static)
   for (int m = 0; m < M; m++) prepare(A, x, m, acts);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -630,6 +767,15 @@ void slm_matmul(const Mat* A, const float* x, int M, float* y, Acts* acts, int n
    cache-sized and is made in one pass. */
 void slm_widen(const Mat* A, int n0, int n1, float* out, int nthreads) {
   const int K = A->K;
+  if (is_csr(A)) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int n = n0; n < n1; n++) {
+      float* o = out + (size_t)(n - n0) * K;
+      memset(o, 0, (size_t)K * sizeof(float));
+      for (int32_t j = A->off[n]; j < A->off[n + 1]; j++) o[A->col[j]] = csr_val(A, j);
+    }
+    return;
+  }
   const size_t rb = row_bytes(A);
   #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int n = n0; n < n1; n++) {
