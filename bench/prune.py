@@ -177,7 +177,7 @@ def equal_nonzero_config(parent_cfg: Any, nonzero: int, vocab: int) -> Any:
     best = None
     for n_layer in range(2, parent_cfg.n_layer + 1, 2):
         for width in range(64, parent_cfg.n_embd + 1, 32):
-            heads = max(1, width // 64)
+            heads = width // 64 if width % 64 == 0 else width // 32  # heads of 64 (or 32) dimensions
             kv = heads // 2 if parent_cfg.n_kv_head < parent_cfg.n_head and heads % 2 == 0 else heads
             cfg = parent_cfg.replace(n_layer=n_layer, n_embd=width, n_head=heads, n_kv_head=kv, mlp_hidden=None,
                                      vocab_size=vocab)
