@@ -330,8 +330,10 @@ class Engine:
         for r, row in zip(reqs, logits, strict=True):
             if r.logit_bias:
                 row[list(r.logit_bias)] += torch.tensor(list(r.logit_bias.values()))
-        histories = [torch.tensor(r.ids + r.generated) if r.params.repetition_penalty != 1.0 else torch.empty(0)
-                     for r in reqs]
+        histories = None  # the context ids, only when some request's repetition penalty reads them
+        if any(r.params.repetition_penalty != 1.0 for r in reqs):
+            histories = [torch.tensor(r.ids + r.generated) if r.params.repetition_penalty != 1.0 else torch.empty(0)
+                         for r in reqs]
         picks = sample_rows(logits, [r.params for r in reqs], [r.gen for r in reqs], histories)
         for r, nxt, lp in zip(reqs, picks, logp, strict=True):
             self._emit(r, nxt, lp)
