@@ -90,7 +90,11 @@ def domain(base: Path, work: Path, a: argparse.Namespace) -> str:
     slm("data", "prepare", "--corpus", "shakespeare", "--tokenizer", str(resolve(base) / "tokenizer.json"), "--out",
         str(shards), "--overwrite", "--quiet")
     rows, costs = [], []
-    for method, extra in (("lora", ["--lora-rank", str(a.lora_rank)]), ("full", ["--grad-checkpoint"])):
+    extras = {"lora": ["--lora-rank", str(a.lora_rank), "--lora-alpha", str(2 * a.lora_rank)]
+              + (["--lr", str(a.lora_lr)] if a.lora_lr else []),
+              "full": ["--grad-checkpoint"]}
+    for method in a.methods:
+        extra = extras[method]
         out = work / f"domain-{method}"
         slm("finetune", str(base), "--data", str(shards), "--task", "lm", "--method", method, *extra,
             "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), *a.budget, "--out", str(out),
@@ -202,7 +206,10 @@ def main() -> None:
     ap.add_argument("--clf-minutes", type=float, default=10, help="classification budget per model (default 10)")
     ap.add_argument("--small-preset", default="llama-3m", help="the small model trained here (default llama-3m)")
     ap.add_argument("--small-vocab", type=int, default=4096)
-    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--methods", nargs="+", choices=["lora", "full"], default=["lora", "full"],
+                    help="domain part: which fine-tunes to run (default both)")
+    ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; alpha is twice it (default 8)")
+    ap.add_argument("--lora-lr", type=float, help="LoRA peak lr (default: slm finetune's)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-bytes", type=int, default=200_000, help="bytes of each held-out set scored")

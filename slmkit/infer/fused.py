@@ -2,11 +2,25 @@
 (`FusedDecoder`), or one token to each of several sequences of a batch cache, each at its own position
 (`BatchDecoder`, continuous batching).
 
-`for_model(model, cache)` returns None when the model is outside what the C step implements — attention other than
-full or sliding-window, low-rank layers, non-fp32 parameters (and for FusedDecoder a batch > 1 cache) — and the caller
-then decodes through PyTorch, which computes the same function (tests compare the two on every supported
-configuration). Dense and Mixture-of-Experts FFNs are both covered, and every KV cache storage (fp32, bf16, int8:
-KVCache). Linear layers may be fp32 `nn.Linear` or int8/int4/bf16 `QuantLinear`, expert stacks fp32 parameters or
+`for_model(model, cache)` returns None when the model is outside what the C step implements — non-fp32 parameters,
+a layer it does not read (e.g. an unmerged LoRA adapter), and for FusedDecoder a batch > 1 cache — and the caller then
+decodes through PyTorch, which computes the same function (tests compare the two on every supported configuration).
+
+Every attention kind of slmkit.model is covered, each computing what the PyTorch forward computes for a token appended
+to the cache (slmkit.model.attention):
+- full, sliding-window local and block-sparse attention: the cached keys/values under the kind's visibility rule;
+- linear attention (Performer FAVOR+): the recurrent state the cache keeps instead of keys/values (KVCache.state,
+  updated in place by both paths), one position at a time, so each row of a prompt chunk reads the state of the rows
+  before it. The state sums every token a sequence was given: its positions must come in order, each once (position
+  0 starts afresh; a position > 0 given again is counted twice, where cached keys/values would be overwritten);
+- LSH attention (Reformer): the cached keys are hashed again each step, as the PyTorch cached path does, and a query
+  sees the last `attn_window` keys of its own key's bucket in each round — a rule over earlier tokens only, so
+  decoding token by token is the function of the full forward. The C and PyTorch hashes can differ only where two
+  rotated projections of a key tie to within fp32 rounding.
+
+Low-rank layers (`lowrank`: W = B·A) are two matmuls, A then B. Dense and Mixture-of-Experts FFNs are both covered,
+and every KV cache storage (fp32, bf16, int8: KVCache; LSH attention takes fp32 only). Linear layers (a low-rank
+layer's factors too) may be fp32 `nn.Linear` or int8/int4/bf16 `QuantLinear`, expert stacks fp32 parameters or
 int8/int4/bf16 `QuantExperts` (slmkit.compress.quantize), mixed freely; the C step reads the packed weights in place.
 An fp32 linear that pruning left mostly zeros is read as CSR (its non-zeros and their columns: `_sparse`).
 """
@@ -22,10 +36,11 @@ from torch import nn
 
 from slmkit.infer import kernels
 from slmkit.infer.quantized import QuantExperts, QuantLinear
-from slmkit.model.ffn import MoE
+from slmkit.model.ffn import LowRankLinear, MoE
 from slmkit.model.gpt import GPT, KVCache
 
 POS_KINDS = {"none": 0, "learned": 1, "sinusoidal": 1, "rope": 2}
+ATTENTION_KINDS = {"full": 0, "local": 0, "blocksparse": 1, "linear": 2, "lsh": 3}  # kernels.c ATT_DENSE, ...
 KV_KINDS = {"fp32": 0, "bf16": 1, "int8": 2}  # kernels.c KV_F32, KV_BF16, KV_INT8
 
 
@@ -35,6 +50,16 @@ def _linear(mod: nn.Module) -> kernels.Mat | None:
     if type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.is_contiguous():
         return _sparse(mod) or kernels.mat(mod.weight.detach(), None, None if mod.bias is None else mod.bias.detach())
     return None
+
+
+def _factors(mod: nn.Module) -> tuple[kernels.Mat, kernels.Mat] | None:
+    """A projection's C views as (first factor, second): a low-rank layer's A and B (y = B A x), else (an empty Mat,
+    the layer); None when either is outside what _linear reads."""
+    if isinstance(mod, LowRankLinear):
+        a, b = _linear(mod.a), _linear(mod.b)
+        return None if a is None or b is None else (a, b)
+    w = _linear(mod)
+    return None if w is None else (kernels.Mat(), w)
 
 
 def _sparse(mod: nn.Linear) -> kernels.Mat | None:
@@ -69,7 +94,7 @@ class _Step:
         if not isinstance(model, GPT) or not kernels.available():
             return None
         cfg = model.config
-        if cfg.attention not in ("full", "local") or cfg.lowrank or cfg.pos not in POS_KINDS:
+        if cfg.attention not in ATTENTION_KINDS or cfg.pos not in POS_KINDS:
             return None
         if model.tok_emb.weight.dtype != torch.float32 or cache.dtype != torch.float32:
             return None
@@ -78,15 +103,30 @@ class _Step:
         for i in range(cfg.n_layer):
             block = model.blocks[i % len(model.blocks)]
             moe = block.mlp if isinstance(block.mlp, MoE) else None
-            ffn = [kernels.Mat(), kernels.Mat()] if moe else [_linear(block.mlp.fc), _linear(block.mlp.proj)]
-            mats = [_linear(block.attn.qkv), _linear(block.attn.proj), *ffn]
-            if any(m is None for m in mats) or not all(c.is_contiguous() for c in (cache.k[i], cache.v[i])):
+            attn = block.attn
+            ffn = [(kernels.Mat(), kernels.Mat())] * 2 if moe else [_factors(block.mlp.fc), _factors(block.mlp.proj)]
+            pairs = [_factors(attn.qv if cfg.attention == "lsh" else attn.qkv), _factors(attn.proj), *ffn]
+            if any(p is None for p in pairs) or not all(c.is_contiguous() for c in (cache.k[i], cache.v[i])):
                 return None
+            firsts, mats = zip(*pairs, strict=True)
             n1, n2 = block.norm1, block.norm2
             keep += [n1, n2]
             scales = (cache.k_scale[i].data_ptr(), cache.v_scale[i].data_ptr()) if cache.kv == "int8" else (None, None)
             layers[i] = kernels.Layer(n1.weight.data_ptr(), _bias(n1), n2.weight.data_ptr(), _bias(n2), *mats,
                                       cache.k[i].data_ptr(), cache.v[i].data_ptr(), *scales)
+            layers[i].qkv_a, layers[i].proj_a, layers[i].fc_a, layers[i].down_a = firsts
+            # the attention kinds' own tensors: linear attention's features and the cache's recurrent state; LSH's
+            # rotations, copied as (R, buckets/2, hd) when the step is built so that each projection of a key is a
+            # contiguous dot product (fixed random buffers, never trained)
+            if cfg.attention == "linear":
+                state = cache.state[i]
+                if not all(t.is_contiguous() and t.dtype == torch.float32 for t in (attn.features, *state)):
+                    return None
+                layers[i].feat, layers[i].ls, layers[i].lz = (t.data_ptr() for t in (attn.features, *state))
+            elif cfg.attention == "lsh":
+                rot = attn.rotations.detach().float().transpose(1, 2).contiguous()
+                keep.append(rot)
+                layers[i].rot = rot.data_ptr()
             if moe is not None:
                 router = _linear(moe.router)
                 if router is None:
@@ -103,7 +143,7 @@ class _Step:
         E, k = cfg.moe_experts, cfg.moe_top_k if cfg.moe_experts else 0
         # kernels.c Model: per-row sizes; MoE buffers stay one element for dense models
         sizes = {"x": C, "xb": C, "qkv": (nh + 2 * nkv) * hd, "att": C, "hb": 2 * H, "ha": H,
-                 "scores": nh * cache.max_len, "ew": E, "eg": k, "xe": k * C, "eo": k * C}
+                 "scores": nh * cache.max_len, "ew": E, "eg": k, "xe": k * C, "eo": k * C, "lr": cfg.lowrank}
         scratch = {name: torch.zeros(max(1, rows * n)) for name, n in sizes.items()}
         scratch |= {name: torch.zeros(max(1, rows * k), dtype=torch.int32) for name in ("esel", "epair", "eplace")}
         scratch["estart"] = torch.zeros(E + 1, dtype=torch.int32)
@@ -120,6 +160,10 @@ class _Step:
             *(scratch[n].data_ptr() for n in kernels.MODEL_SCRATCH), acts.acts,
             *(scratch[n].data_ptr() for n in kernels.MOE_SCRATCH),
         )
+        cm.attn, cm.lr = ATTENTION_KINDS[cfg.attention], scratch["lr"].data_ptr()
+        cm.bs_block, cm.bs_global, cm.bs_summary = cfg.attn_block, cfg.attn_global, cfg.attn_summary
+        cm.lin_feats, cm.lsh_rounds, cm.lsh_buckets, cm.lsh_keys = (cfg.linear_features, cfg.lsh_hashes,
+                                                                     cfg.lsh_buckets, cfg.attn_window)
         return cls(model, cache, cm, keep, rows)
 
 
@@ -155,19 +199,23 @@ class BatchDecoder(_Step):
     chunk of its prompt, prefilled in the same pass over the weights as the other sequences' next tokens: every
     key and value of a call is stored before any row attends. The caller keeps the positions (e.g. in the
     `cache.slot(b)` views' `.pos`) and advances them. One call at a time: the calls share their scratch buffers.
+    `logits_rows`: the rows whose logits to return, in that order ((len(logits_rows), V)); the others skip the final
+    norm and the LM head — a prompt chunk needs only its last row's.
 
     rows: the most rows one call takes (default: one per cache sequence; more to prefill alongside decoding).
 
     >>> cache = model.new_cache(8, 512)
     >>> dec = BatchDecoder.for_model(model, cache, rows=8 + 64)
     >>> logits = dec([17, 4, 9, 9], slots=[3, 0, 5, 5], positions=[12, 40, 0, 1])  # (4, V); slot 5 is prefilling
+    >>> logits = dec([5, 6, 1, 2, 3], slots=[3, 0, 5, 5, 5], positions=[13, 41, 2, 3, 4], logits_rows=[0, 1, 4])
     """
 
     def __init__(self, model: GPT, cache: KVCache, cm: kernels.Model, keep: list, rows: int):
         super().__init__(model, cache, cm, keep, rows)
         self.batch_size = cache.k[0].size(0)  # S: the cache's sequences
         self.logits = torch.empty(self.rows, model.config.vocab_size, dtype=torch.float32)
-        self._args = [(ctypes.c_int * self.rows)() for _ in range(3)]  # tokens, positions, slots for the C call
+        # tokens, positions, slots and the rows that want logits, for the C call
+        self._args = [(ctypes.c_int * self.rows)() for _ in range(4)]
 
     @classmethod
     def for_model(cls, model: nn.Module, cache: KVCache, rows: int | None = None) -> BatchDecoder | None:
@@ -175,7 +223,8 @@ class BatchDecoder(_Step):
             raise ValueError(f"rows={rows} must be >= 1")
         return cls._build(model, cache, rows)
 
-    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def __call__(self, tokens: Sequence[int], slots: Sequence[int], positions: Sequence[int],
+                 logits_rows: Sequence[int] | None = None) -> torch.Tensor:
         n = len(tokens)
         if not len(slots) == len(positions) == n:
             raise ValueError(f"got {n} tokens, {len(slots)} slots and {len(positions)} positions: give one of each "
@@ -193,13 +242,18 @@ class BatchDecoder(_Step):
             bad = next((v for v in values if not 0 <= v < limit), None)
             if bad is not None:
                 raise ValueError(f"{name} {bad} is outside 0..{limit - 1} ({why})")
+        if logits_rows is not None and (len(logits_rows) > n or any(not 0 <= r < n for r in logits_rows)):
+            raise ValueError(f"logits_rows {list(logits_rows)}: at most {n} of the rows 0..{n - 1}")
         if n == 0:
             return self.logits[:0]
-        tok, pos, slot = self._args
+        tok, pos, slot, out = self._args
         tok[:n], pos[:n], slot[:n] = tokens, positions, slots
+        n_out = n if logits_rows is None else len(logits_rows)
+        if logits_rows is not None:
+            out[:n_out] = logits_rows
         self._lib.slm_decode_batch(ctypes.byref(self._cm), n, tok, pos, slot, self.logits.data_ptr(),
-                                   torch.get_num_threads())
-        return self.logits[:n]
+                                   torch.get_num_threads(), None if logits_rows is None else out, n_out)
+        return self.logits[:n_out]
 
 
 def _experts(moe: MoE) -> tuple[ctypes.Array, ctypes.Array]:

@@ -41,6 +41,7 @@ _lib: ctypes.CDLL | bool | None = None  # None = not tried yet, False = unavaila
 COMPILE_TIMEOUT_S = 30
 KINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float32: 2, torch.uint8: 3}  # uint8: int4, two weights a byte
 QBLOCK = 64  # activations are quantized in blocks of this many values for int8 weights
+TILE = 16  # kernels.c: int8 and int4 weights are multiplied in tiles of this many rows (with VNNI or AMX)
 Q4BLOCK = 32  # int4: the weights' packing block, and the activations' quantization block
 W_CSR32, W_CSR16 = 4, 5  # sparse weights: CSR with fp32 or bf16 values (kernels.c csr_matmul)
 CSR_T_MIN = 4  # kernels.c: from this many activation rows on, the CSR product transposes them instead of gathering
@@ -63,18 +64,20 @@ MOE_SCRATCH = ("ew", "eg", "xe", "eo", "esel", "epair", "eplace", "estart")
 class Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("N", ctypes.c_int), ("K", ctypes.c_int), ("kind", ctypes.c_int), ("group", ctypes.c_int),
-                ("col", ctypes.c_void_p), ("off", ctypes.c_void_p)]
+                ("col", ctypes.c_void_p), ("off", ctypes.c_void_p), ("wsum", ctypes.POINTER(ctypes.c_int16))]
 
 
 class Acts(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "qs", "b16", "xc", "bc", "xt")]
+    _fields_ = [(n, ctypes.c_void_p) for n in ("q", "qs", "b16", "xc", "bc", "xt", "xl", "ql")]
 
 
 class Layer(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("n1w", "n1b", "n2w", "n2b")] + \
                [(n, Mat) for n in ("qkv", "proj", "fc", "down")] + \
                [(n, ctypes.c_void_p) for n in ("kc", "vc", "ks", "vs")] + [("E", ctypes.c_int), ("k", ctypes.c_int),
-                ("router", Mat), ("efc", ctypes.POINTER(Mat)), ("edown", ctypes.POINTER(Mat))]
+                ("router", Mat), ("efc", ctypes.POINTER(Mat)), ("edown", ctypes.POINTER(Mat))] + \
+               [(n, Mat) for n in ("qkv_a", "proj_a", "fc_a", "down_a")] + \
+               [(n, ctypes.c_void_p) for n in ("feat", "ls", "lz", "rot")]
 
 
 class Model(ctypes.Structure):
@@ -83,7 +86,9 @@ class Model(ctypes.Structure):
                [(n, ctypes.c_void_p) for n in ("emb", "pos_table", "cos", "sin", "nfw", "nfb")] + \
                [("head", Mat), ("layers", ctypes.POINTER(Layer))] + \
                [(n, ctypes.c_void_p) for n in MODEL_SCRATCH] + [("acts", Acts)] + \
-               [(n, ctypes.c_void_p) for n in MOE_SCRATCH]
+               [(n, ctypes.c_void_p) for n in MOE_SCRATCH] + \
+               [(n, ctypes.c_int) for n in ("attn", "bs_block", "bs_global", "bs_summary", "lin_feats", "lsh_rounds",
+                                            "lsh_buckets", "lsh_keys")] + [("lr", ctypes.c_void_p)]
 
 
 def _torch_openmp() -> Path | None:
@@ -124,7 +129,7 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slm_decode_step.restype = None
     lib.slm_decode_batch.argtypes = [ctypes.POINTER(Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slm_decode_batch.restype = None
     lib.slm_features.restype = ctypes.c_int
     return lib
@@ -178,12 +183,13 @@ def available() -> bool:
 def features() -> set[str]:
     """The instruction paths the compiled kernels use: "vnni" (int8 and int4 weights × int8 activations), "bf16"
     (bf16 dot products), "avx512", "avx2" (AVX2 + FMA: the int8 and int4 dots where VNNI is missing, every vector
-    loop where AVX-512 is), "f16c" (int4's fp16 scales). Int8 weights take int8 activation blocks with "vnni" or
-    "avx2", exact fp32 activations without either. Empty when the kernels are unavailable."""
+    loop where AVX-512 is), "f16c" (int4's fp16 scales), "amx" (int8 weights × int8 activation blocks in AMX
+    tiles). Int8 weights take int8 activation blocks with "vnni" or "avx2", exact fp32 activations without either.
+    Empty when the kernels are unavailable."""
     if not available():
         return set()
     bits = _lib.slm_features()  # type: ignore[union-attr]
-    names = ((1, "vnni"), (2, "bf16"), (4, "avx512"), (8, "avx2"), (16, "f16c"))
+    names = ((1, "vnni"), (2, "bf16"), (4, "avx512"), (8, "avx2"), (16, "f16c"), (32, "amx"))
     return {name for bit, name in names if bits & bit}
 
 
@@ -221,7 +227,22 @@ def mat(weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Ten
                              f"{Q4BLOCK}, {2 * Q4BLOCK}, {4 * Q4BLOCK}, ...")
     else:
         scale = None
-    return Mat(_ptr(weight), _ptr(scale), _ptr(bias), N, K, KINDS[weight.dtype], group)
+    wsum = _weight_sums(weight) if weight.dtype == torch.int8 else None
+    return Mat(_ptr(weight), _ptr(scale), _ptr(bias), N, K, KINDS[weight.dtype], group, None, None, wsum)
+
+
+def _weight_sums(q: torch.Tensor) -> ctypes.Array | None:
+    """The int8 weights' sums per block of QBLOCK in each whole tile of TILE rows, (N / TILE, K / QBLOCK, TILE)
+    int16 (|sum| <= 64 x 128): kernels.c tile_q8_lanes takes the +128 it adds to the activations back out with them.
+    A 32nd of the weights' bytes, made once per Mat; the ctypes array keeps its memory alive, and so does every
+    struct it is copied into. None where the kernel does not apply (K not a multiple of QBLOCK, fewer than TILE
+    rows)."""
+    N, K = q.shape
+    if K % QBLOCK or N < TILE:
+        return None
+    T, nb = N // TILE, K // QBLOCK
+    sums = q[: T * TILE].view(T, TILE, nb, QBLOCK).sum(-1, dtype=torch.int32).transpose(1, 2).to(torch.int16)
+    return (ctypes.c_int16 * sums.numel()).from_buffer(sums.contiguous().numpy())
 
 
 def csr(weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -286,7 +307,13 @@ class _Scratch:
         self.bc = torch.empty(max(1, n // Q4BLOCK), dtype=torch.int32)  # VNNI tiles: per-block corrections
         # CSR weights: the activations transposed in chunks of 16 rows; batch-1 scratch leaves it NULL (gathers)
         self.xt = torch.zeros(-(-rows // 16) * 16 * k) if rows >= CSR_T_MIN else None
-        self.acts = Acts(*(t.data_ptr() for t in (self.q, self.qs, self.b16, self.xc, self.bc)), _ptr(self.xt))
+        # int8 tiles (AMX; VNNI for 2 to 16 rows): the activations arranged in lanes, 16 rows a chunk, and their block
+        # scales
+        chunks = -(-rows // 16)
+        self.xl = torch.empty(chunks * 16 * k, dtype=torch.uint8)
+        self.ql = torch.empty(chunks * 16 * max(1, k // QBLOCK))
+        self.acts = Acts(*(t.data_ptr() for t in (self.q, self.qs, self.b16, self.xc, self.bc)),
+                         *(_ptr(t) for t in (self.xt, self.xl, self.ql)))
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,

@@ -290,13 +290,14 @@ class LinearAttention(nn.Module):
             self._maybe_redraw()
         pos = cache.pos if cache is not None else 0
         q, k, v = project_qkv(self, x, pos)
-        state = cache.state[layer] if cache is not None and pos > 0 else None
+        state = tuple(s[:B] for s in cache.state[layer]) if cache is not None and pos > 0 else None
         # fp32 throughout: exp features and long running sums lose too much in bf16
         with torch.autocast("cpu", enabled=False):
             y, state = self._causal(self._phi(q.float(), True), self._phi(_expand_kv(k, self.nh).float(), False),
                                     _expand_kv(v, self.nh).float(), state)
-        if cache is not None:
-            cache.state[layer] = state
+        if cache is not None:  # in place: the cache's buffers are what a fused decode step reads (KVCache)
+            for buf, s in zip(cache.state[layer], state, strict=True):
+                buf[:B].copy_(s)
         y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 

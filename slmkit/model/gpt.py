@@ -78,7 +78,7 @@ class KVCache:
     quarter, plus one fp32 scale per position and head: k_scale/v_scale (B, nkv, max_len), the largest |value| of
     the row maps to 127). Past about a thousand positions the cache, not the weights, is most of what a decode step
     reads, so its width sets the speed there. Attention computes in the model's dtype from what was stored. Linear
-    attention keeps no keys/values (its recurrent state stays in the model's dtype); LSH attention refuses a rounded
+    attention keeps no keys/values (its recurrent state stays fp32); LSH attention refuses a rounded
     cache.
     """
 
@@ -100,7 +100,14 @@ class KVCache:
         n = cfg.n_layer if kv == "int8" else 0
         self.k_scale = [torch.zeros(shape[:3], device=device) for _ in range(n)]
         self.v_scale = [torch.zeros(shape[:3], device=device) for _ in range(n)]
-        self.state: list = [None] * cfg.n_layer  # recurrent per-layer state of linear attention (unused otherwise)
+        # linear attention's recurrent state per layer, allocated up front like the keys/values so that decoding
+        # (fused.py's C step too) updates it in place: (Σφ(k)vᵀ (B, nh, m, hd), Σφ(k) (B, nh, m)), fp32 whatever the
+        # model's dtype (long running sums lose too much in bf16); None for the other kinds
+        self.state: list = [None] * cfg.n_layer
+        if cfg.attention in STATE_ONLY_KINDS:
+            shape = (batch_size, cfg.n_head, cfg.linear_features)
+            self.state = [(torch.zeros(*shape, cfg.head_dim, device=device), torch.zeros(shape, device=device))
+                          for _ in range(cfg.n_layer)]
         self.pos = 0  # tokens already stored
         self.max_len = max_len
 
@@ -109,7 +116,7 @@ class KVCache:
 
     def slot(self, b: int) -> KVCache:
         """Sequence `b` of this batch cache as a batch-1 cache over the same storage: what it stores lands in row b
-        of these buffers (so a batched decode step sees it), with its own position and recurrent state. A server
+        of these buffers (so a batched decode step sees it), recurrent state included, with its own position. A server
         keeps one per running request and prefills through it (slmkit.serve)."""
         if not 0 <= b < self.k[0].size(0):
             raise IndexError(f"slot {b} is outside the cache's {self.k[0].size(0)} sequences")
@@ -117,7 +124,7 @@ class KVCache:
         view.kv, view.dtype, view.max_len, view.pos = self.kv, self.dtype, self.max_len, 0
         view.k, view.v = [t[b : b + 1] for t in self.k], [t[b : b + 1] for t in self.v]
         view.k_scale, view.v_scale = [t[b : b + 1] for t in self.k_scale], [t[b : b + 1] for t in self.v_scale]
-        view.state = [None] * len(self.k)
+        view.state = [None if s is None else (s[0][b : b + 1], s[1][b : b + 1]) for s in self.state]
         return view
 
     def nbytes(self) -> int:

@@ -310,7 +310,7 @@ class Engine:
             if req.prefilled == len(req.ids):  # the prompt is complete: its last row's logits give the first token
                 ready.append(req)
                 rows.append(len(tokens) - 1)
-        logits = self.batch(tokens, slots, positions)
+        logits = self.batch(tokens, slots, positions, logits_rows=rows)  # (len(rows), V): mid-prompt rows need none
         for r in decoding:
             r.cache.pos += 1  # type: ignore[union-attr]
         for req, n in chunks:
@@ -318,7 +318,7 @@ class Engine:
         if decoding:
             self.steps += 1
         if ready:
-            self._sample(ready, logits[rows])
+            self._sample(ready, logits.clone())
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample the next token of each request from its row of (B, V) logits, all rows at once, and emit it —

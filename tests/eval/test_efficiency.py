@@ -14,6 +14,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.eval import efficiency
 from slmkit.eval.efficiency import measure
+from slmkit.infer import engine
 from slmkit.infer.neural import NeuralLM
 from slmkit.model import GPT
 from slmkit.model.ngram import NgramLM
@@ -77,8 +78,8 @@ def test_peak_rss_is_the_models_own(measured_and_parent_rss, wide_run):
 
 class Clocked(GPT):
     """A transformer whose forward advances a virtual clock by one second per position, whatever the batch: a rate
-    measured on this clock is the number of tokens the harness counted per position the model ran. Block-sparse
-    attention keeps the engine on forward (the fused C step does not cover it, and would bypass the clock)."""
+    measured on this clock is the number of tokens the harness counted per position the model ran. The test keeps the
+    engine on forward (the fused C step would bypass the clock)."""
 
     now = 0.0
 
@@ -92,6 +93,7 @@ def test_rates_count_the_right_tokens(monkeypatch):
     lm = NeuralLM(Clocked(ModelConfig(vocab_size=50, block_size=64, n_layer=1, n_head=2, n_embd=16,
                                       attention="blocksparse", attn_block=8)))
     monkeypatch.setattr(efficiency, "perf_counter", lambda: Clocked.now)
+    monkeypatch.setattr(engine.FusedDecoder, "for_model", classmethod(lambda cls, model, cache: None))
     res = efficiency._bench(lm, list(range(20)), new_tokens=10, repeats=2)
     # prefill: 20 prompt tokens in one 20-position pass; first token: after the engine's own 20-position prefill;
     # decode: 9 tokens after the first in 9 one-position steps

@@ -11,6 +11,7 @@ import torch
 from test_kernels import CONFIGS, VARIANTS, _cpu_has, _model, use_build  # tests/infer is on sys.path
 
 from slmkit.compress import quantize
+from slmkit.finetune.lora import add_lora
 from slmkit.infer import kernels
 from slmkit.infer.fused import BatchDecoder, FusedDecoder
 from slmkit.model import GPT
@@ -211,6 +212,32 @@ def test_prompt_chunks_prefill_in_the_same_step_as_decoding_rows(name, dtype, kv
     assert (after - want).norm() / want.norm() < (1e-5 if exact else 0.03)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_logits_rows_are_those_rows_of_the_full_step(dtype):
+    """Asking for some rows' logits (a prompt chunk's last, the decoding rows) gives exactly those rows of the full
+    step, in the order asked, and the cache the same keys/values; with none, the step only fills the cache."""
+    model = _model(**CONFIGS["llama"])
+    if dtype != "fp32":
+        model = quantize(model, dtype)
+    caches = [model.new_cache(3, MAX_LEN) for _ in range(2)]
+    full, some = (BatchDecoder.for_model(model, c, rows=12) for c in caches)
+    g = torch.Generator().manual_seed(5)
+    steps = [([0] * 9 + [1, 2], [*range(9), 0, 0]), ([0, 1, 2], [9, 1, 1])]  # (slots, positions)
+    asked = [[10, 8, 9], [2, 0]]
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        for (slots, positions), rows in zip(steps, asked, strict=True):
+            tokens = torch.randint(0, 97, (len(slots),), generator=g).tolist()
+            want = full(tokens, slots, positions)[rows].clone()
+            assert torch.equal(some(tokens, slots, positions, logits_rows=rows), want)
+        assert some([3], [2], [2], logits_rows=[]).shape == (0, model.config.vocab_size)
+        full([3], [2], [2])
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"logits_rows \[0, 2\]: at most 2 of the rows 0\.\.1"):
+        some([1, 2], [0, 1], [5, 5], logits_rows=[0, 2])
+
+
 def test_positions_stop_at_the_context_when_the_cache_is_longer():
     """Position tables (RoPE here) have block_size rows: a longer cache does not let a step read past them."""
     model = _model(**CONFIGS["llama"], block_size=16)
@@ -220,9 +247,8 @@ def test_positions_stop_at_the_context_when_the_cache_is_longer():
 
 
 def test_for_model_refuses_what_fused_refuses_except_the_batch():
-    for kw in (dict(attention="linear"), dict(lowrank=8)):
-        model = _model(pos="rope", **kw)
-        assert BatchDecoder.for_model(model, model.new_cache(3, 16)) is None
+    model = add_lora(_model(pos="rope"), rank=4)  # LoRALinear: no layer the C step reads
+    assert BatchDecoder.for_model(model, model.new_cache(3, 16)) is None
     model = _model(**CONFIGS["llama"])
     for batch in (1, 3):
         assert BatchDecoder.for_model(model, model.new_cache(batch, 16)) is not None

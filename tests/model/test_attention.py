@@ -112,19 +112,22 @@ def test_kv_cache_sizes_and_bad_kind():
         m.new_cache(1, kv="fp8")
     with pytest.raises(SlmError, match="LSH attention hashes"):
         tiny("lsh").new_cache(1, kv="bf16")
-    assert tiny("linear").new_cache(1, kv="int8").nbytes() == 0  # no keys/values kept: the state stays fp32
+    lin = tiny("linear")  # no keys/values kept: only the state, which stays fp32
+    assert lin.new_cache(1, kv="int8").nbytes() == lin.new_cache(1).nbytes() == sum(
+        t.numel() * 4 for s in lin.new_cache(1).state for t in s)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cache_holds_only_what_the_kind_reads(kind):
     """Keys and values (B · nkv · max_len · hd fp32 per layer, twice) for the kinds that attend over the cache; linear
-    attention reads only its recurrent state, Σφ(k)vᵀ (B · nh · m · hd) and Σφ(k) (B · nh · m) per layer."""
+    attention reads only its recurrent state, Σφ(k)vᵀ (B · nh · m · hd) and Σφ(k) (B · nh · m) per layer, allocated
+    up front like the keys/values."""
     m = tiny(kind)
     c = m.config
     cache = m.new_cache(2)
     kv = 2 * c.n_layer * 2 * c.n_kv_head * c.block_size * c.head_dim * 4
     state = c.n_layer * 2 * c.n_head * (c.linear_features * c.head_dim + c.linear_features) * 4
-    assert cache.nbytes() == (0 if kind == "linear" else kv)
+    assert cache.nbytes() == (state if kind == "linear" else kv)
     x = torch.randint(0, 61, (2, 30))
     with torch.inference_mode():
         m(x[:, :20], cache=cache)

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from slmkit.errors import SlmError
+from slmkit.finetune.lora import add_lora
 from slmkit.sampling import SamplingParams
 from slmkit.serve.engine import Done, Engine, QueueFull, Request, Token
 from tests.serve.conftest import tiny_llm
@@ -74,9 +75,19 @@ def test_requests_joining_and_leaving_get_what_they_would_alone(llm, kv):
 
 
 def test_the_pytorch_path_for_what_the_c_step_does_not_cover():
-    llm = tiny_llm(block_size=64, attention="linear")
+    llm = tiny_llm(block_size=64)
+    add_lora(llm.model, rank=4)  # an unmerged adapter: LoRALinear is no layer the C step reads
+    _check_each_gets_what_it_would_alone(llm, fused=False)
+
+
+def test_linear_attention_keeps_its_state_per_slot_in_the_c_step():
+    """Linear attention's recurrent state lives in the batch cache, a row per slot, updated by the C step."""
+    _check_each_gets_what_it_would_alone(tiny_llm(block_size=64, attention="linear"), fused=True)
+
+
+def _check_each_gets_what_it_would_alone(llm, fused: bool) -> None:
     engine = Engine(llm, max_batch=3)
-    assert engine.batch is None
+    assert (engine.batch is not None) == fused
     tok = llm.tokenizer
     prompts = [tok.encode(t, bos=True) for t in ("the king", "o romeo wherefore art", "fair")]
     sinks = [Collect() for _ in prompts]

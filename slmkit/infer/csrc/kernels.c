@@ -6,11 +6,14 @@
  * (30 layers x ~20 small ops), and its fp32 GEMV reaches a third of the bandwidth here. This file does the whole
  * step in one call with one OpenMP parallel region.
  *
- * Weights: int8 (symmetric, one fp32 scale per output row), int4, bf16, or fp32; row-major (N, K) like nn.Linear.
+ * Weights: int8 (symmetric, -127..127, one fp32 scale per output row), int4, bf16, or fp32; row-major (N, K) like
+ * nn.Linear.
  *   - int8: activations are quantized to int8 in blocks of 64 (one fp32 scale per block, like llama.cpp's Q8_0) and
- *     multiplied with AVX-512 VNNI (64 multiply-adds per instruction, in tiles of 16 weight rows: see tile_q8), else
- *     AVX2 (vpmaddubsw, 32); in scalar builds,
- *     or K not a multiple of 64, the weights are widened to fp32 instead and activations stay exact.
+ *     multiplied with AMX (tdpbssd: 16 weight rows x 16 activation rows x 64 per instruction, tile_q8_amx), else
+ *     AVX-512 VNNI (64 multiply-adds per instruction, in tiles of 16 weight rows: tile_q8, and tile_q8_lanes for 2
+ *     to 16 activation rows), else AVX2 (vpmaddubsw, 32); in scalar builds,
+ *     or K not a multiple of 64, the weights are widened to fp32 instead and activations stay exact. Every path
+ *     gives a row the same bits whatever other rows share the call.
  *   - int4: (N, K/2) bytes in llama.cpp's Q4_0 block layout (slmkit/infer/quantized.py) with one fp16 scale per group
  *     of 32/64/128 weights of a row. Always int8 x int8 like llama.cpp's Q4_0 x Q8_0 dot: activations are quantized
  *     in blocks of 32, and each 32-weight block's integer dot product is scaled by activation scale x weight scale.
@@ -34,6 +37,16 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+/* AMX int8 tiles (tile_q8_amx), with the AVX-512 VNNI code around them */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define SLM_AMX 1
+#else
+#define SLM_AMX 0
+#endif
+#if SLM_AMX
+#include <sys/syscall.h> /* amx_ready */
+#include <unistd.h>
+#endif
 
 enum { W_INT8 = 0, W_BF16 = 1, W_FP32 = 2, W_INT4 = 3, W_CSR32 = 4, W_CSR16 = 5 }; /* CSR16: bf16 values */
 #define QBLOCK 64  /* activation block for int8 weights */
@@ -56,6 +69,9 @@ typedef struct {
   int group;          /* int4: weights per scale, Q4BLOCK x a power of two */
   const uint16_t* col; /* csr: column of each stored value (nnz,), rows in order; else NULL */
   const int32_t* off;  /* csr: (N + 1,) row n's values are off[n] .. off[n+1]-1; else NULL */
+  /* int8, K a multiple of QBLOCK: each whole tile's weight sums per block, (N / TILE, K / QBLOCK, TILE) int16 (a
+     32nd of the weights' bytes; kernels.py mat() computes them), for tile_q8_lanes; NULL: that kernel is not used */
+  const int16_t* wsum;
 } Mat;
 
 /* Activation scratch: x (M, K) in the form the weight kind wants. */
@@ -66,6 +82,8 @@ typedef struct {
   int32_t* xc;    /* int4: -8 x the sum of each 4 consecutive int8 activations, M * K / 4 (dot_int4) */
   int32_t* bc;    /* VNNI tiles: -128 (int8) or -8 (int4) x the sum of each block's activations, M * K / Q4BLOCK */
   float* xt;      /* csr, M >= CSR_T_MIN: x transposed in chunks of 16 rows, (ceil(M / 16), K, 16) */
+  uint8_t* xl;    /* tile_q8_lanes: the int8 blocks + 128 in lanes, 16 * K (arrange_lanes); NULL: not used */
+  float* ql;      /* tile_q8_lanes: the block scales in lanes, 16 * K / QBLOCK */
 } Acts;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -419,6 +437,227 @@ static void tile_q8(const Mat* A, const Acts* acts, int M, int n0, float* y) {
     _mm512_storeu_ps(y + (size_t)m * A->N + n0, _mm512_fmadd_ps(_mm512_loadu_ps(acc[m]), sc, bias));
 }
 
+/* --- int8 tiles for 2 to 16 activation rows: the activations in lanes (tile_q8_lanes) --------------------------
+ * tile_q8 transposes each block of its 16 weight rows in registers, 64 shuffles per block whatever M is, against
+ * M x 16 vpdpbusd of products: for a few rows the shuffles dominate. This kernel arranges the activations instead,
+ * once per matmul (arrange_lanes), and reads the weights straight from memory as vpdpbusd's signed operand,
+ * broadcast, with no shuffles per block. M is rounded up to M' = 16 / G (a power of two), and each activation row
+ * takes G of the 16 int32 lanes: in step j of a block, lane m G + g holds activation row m's 4 bytes
+ * j 4G + 4g .. +3 of the block, plus 128 (unsigned, for vpdpbusd), and the weights' 4G bytes j 4G .. of a row are
+ * broadcast to every lane group. After the block's M' steps, the G lanes of row m hold the G partial sums of its
+ * block dot product; G weight rows' vectors are added pairwise across lanes (vpermt2d, log2 G stages) into one
+ * vector whose lane m G + p holds the whole integer dot product of one of the G rows. The +128 comes out with the
+ * weight rows' block sums (Mat.wsum, made once per matrix): sum (x + 128) w - 128 sum w = sum x w, exact.
+ * From there every lane does what tile_q8 does for its (activation row, weight row): each block's integer dot
+ * product times the block's activation scale, added in block order with one fused multiply-add, then the row scale
+ * and the bias with one more; so every row's result is bit for bit tile_q8's (and batch-1 decoding's). Per weight
+ * row and block this costs M' vpdpbusd and a few reductions, where tile_q8 costs 16 M / 16 + ~6; tile_q8 stays for
+ * M = 1 (below LANES_MIN), whose vpdpbusd use all 16 lanes. */
+#ifndef LANES_MIN
+#define LANES_MIN 2
+#endif
+
+/* G (lanes per activation row) for M activation rows, or 0 where tile_q8 runs instead. */
+static int lanes_g(const Mat* A, int M, const Acts* acts) {
+  if (M < LANES_MIN || M > 16 || !A->wsum || !acts->xl || !use_q8(A)) return 0;
+  return M > 8 ? 1 : M > 4 ? 2 : M > 2 ? 4 : 8;
+}
+
+/* Activation row m's part of the lanes: xl (K / QBLOCK blocks of 16 / G steps of 64 bytes), its block scales in
+   ql (16 lanes per block, the G lanes of row m each). The bytes are the int8 values xor `flip`: 0x80 adds 128
+   (tile_q8_lanes), 0 keeps them signed (tile_q8_amx). q NULL: a padding row (m >= M), zeros with scale 0. */
+static void arrange_lanes(const int8_t* q, const float* qs, int K, int m, int G, uint8_t flip, uint8_t* xl,
+                          float* ql) {
+  const int S = 16 / G, wd = 4 * G; /* steps per block, and bytes of a row per step */
+  for (int b = 0; b < K / QBLOCK; b++) {
+    uint8_t u[QBLOCK];
+    for (int k = 0; k < QBLOCK; k++) u[k] = q ? (uint8_t)q[b * QBLOCK + k] ^ flip : flip;
+    for (int j = 0; j < S; j++) memcpy(xl + ((size_t)b * S + j) * 64 + m * wd, u + j * wd, wd);
+    for (int g = 0; g < G; g++) ql[b * 16 + m * G + g] = q ? qs[b] : 0.f;
+  }
+}
+
+/* 4G bytes at p, repeated over a vector (a broadcast load: no shuffle). */
+static inline __attribute__((always_inline)) __m512i bcast_bytes(const void* p, int G) {
+  if (G == 1) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+  if (G == 2) { long long v; memcpy(&v, p, 8); return _mm512_set1_epi64(v); }
+  if (G == 4) return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+  return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p));
+}
+
+/* The weight row (of a group of G) that chain i of the group computes. The reduction leaves chain p's sums in lane
+   group position p; this order lets position p pick its row's int16 block sum from one broadcast load of the G sums
+   (dword p mod G/2 of it, low half for p < G/2, high half else), with vpdpwssd against (-128, 0) or (0, -128). */
+static inline int lanes_row(int i, int G) { return G == 1 ? 0 : 2 * (i % (G / 2)) + i / (G / 2); }
+
+static inline __attribute__((always_inline)) void tile_q8_lanes_g(const Mat* A, const Acts* acts, int M, int n0,
+                                                                  float* y, const int G) {
+  const int K = A->K, N = A->N, nb = K / QBLOCK, S = 16 / G, L = __builtin_ctz(G);
+  const int P = G == 1 ? 4 : G == 2 ? 2 : 1, R = P * G; /* G-row groups and rows per pass over the blocks */
+  const int8_t* w = (const int8_t*)A->w + (size_t)n0 * K;
+  const int16_t* cs = A->wsum + (size_t)(n0 / TILE) * nb * TILE;
+  /* stage s of the reduction adds vectors 2u and 2u+1 (of 2^s chains each) into u: position p of a lane group takes
+     chain p mod 2^(s+1) from vector 2u + (p >> s & 1), the sum of its partial sums 2q and 2q+1, q = p >> (s+1) */
+  __m512i ia[3], ib[3];
+  for (int s = 0; s < L; s++) {
+    int32_t a[16], b[16];
+    for (int l = 0; l < 16; l++) {
+      const int p = l % G, at = l - p + (p & ((1 << s) - 1)) + 16 * (p >> s & 1), q = p >> (s + 1);
+      a[l] = at + (2 * q << s);
+      b[l] = at + ((2 * q + 1) << s);
+    }
+    ia[s] = _mm512_loadu_si512(a);
+    ib[s] = _mm512_loadu_si512(b);
+  }
+  /* the multipliers of the block sums' int16 pairs (low word first), and the permutation back to row order */
+  int32_t hl[16], back[16], inv[8];
+  for (int p = 0; p < G; p++) inv[lanes_row(p, G)] = p;
+  for (int l = 0; l < 16; l++) {
+    hl[l] = G > 1 && l % G >= G / 2 ? (int32_t)0xFF800000 : 0x0000FF80;
+    back[l] = l - l % G + inv[l % G];
+  }
+  const __m512i mult = _mm512_loadu_si512(hl), perm = _mm512_loadu_si512(back);
+  const __m512i lo = _mm512_set1_epi32(0x0000FF80), hi = _mm512_set1_epi32((int32_t)0xFF800000); /* G = 1 */
+  for (int r0 = 0; r0 < TILE; r0 += R) {
+    __m512 acc[4];
+    for (int p = 0; p < P; p++) acc[p] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+      const int8_t* wb = w + (size_t)r0 * K + (size_t)b * QBLOCK;
+#if PREFETCH_AHEAD > 0
+      for (int i = 0; i < R; i++) _mm_prefetch(wb + (size_t)(i + TILE) * K, _MM_HINT_T1); /* as in tile_q8 */
+#endif
+      __m512i d[8];
+      for (int i = 0; i < R; i++) d[i] = _mm512_setzero_si512();
+      for (int j = 0; j < S; j++) {
+        const __m512i a = _mm512_loadu_si512(acts->xl + ((size_t)b * S + j) * 64);
+        for (int i = 0; i < R; i++)
+          d[i] = _mm512_dpbusd_epi32(d[i], a, bcast_bytes(wb + (size_t)(i - i % G + lanes_row(i % G, G)) * K + j * 4 * G,
+                                                          G));
+      }
+      const __m512 qs = _mm512_loadu_ps(acts->ql + b * 16);
+      for (int p = 0; p < P; p++) {
+        __m512i* v = d + p * G;
+        for (int s = 0, n = G; s < L; s++, n /= 2)
+          for (int u = 0; u < n / 2; u++)
+            v[u] = _mm512_add_epi32(_mm512_permutex2var_epi32(v[2 * u], ia[s], v[2 * u + 1]),
+                                    _mm512_permutex2var_epi32(v[2 * u], ib[s], v[2 * u + 1]));
+        const int rg = r0 + p * G;
+        const __m512i c = G == 1 ? _mm512_dpwssd_epi32(v[0], bcast_bytes(cs + b * TILE + (rg & ~1), 1), rg & 1 ? hi : lo)
+                                 : _mm512_dpwssd_epi32(v[0], bcast_bytes(cs + b * TILE + rg, G / 2), mult);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), qs, acc[p]);
+      }
+    }
+    /* the row scales, and the bias, with one rounding as in tile_q8; lanes back in row order for the stores */
+    for (int p = 0; p < P; p++) {
+      const int n = n0 + r0 + p * G;
+      const __m512 sc = _mm512_castsi512_ps(bcast_bytes((const float*)A->scale + n, G));
+      const __m512 bias = A->bias ? _mm512_castsi512_ps(bcast_bytes(A->bias + n, G)) : _mm512_setzero_ps();
+      float out[16];
+      _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_permutexvar_ps(perm, acc[p]), sc, bias));
+      for (int m = 0; m < M; m++) memcpy(y + (size_t)m * N + n, out + m * G, G * sizeof(float));
+    }
+  }
+}
+
+/* y[m, n0 .. n0+15] for every m < M (LANES_MIN <= M <= 16): tile_q8's result, with the activations in lanes (see
+   above; G from lanes_g). */
+static void tile_q8_lanes(const Mat* A, const Acts* acts, int M, int G, int n0, float* y) {
+  switch (G) {
+  case 1: tile_q8_lanes_g(A, acts, M, n0, y, 1); break;
+  case 2: tile_q8_lanes_g(A, acts, M, n0, y, 2); break;
+  case 4: tile_q8_lanes_g(A, acts, M, n0, y, 4); break;
+  default: tile_q8_lanes_g(A, acts, M, n0, y, 8);
+  }
+}
+
+#if SLM_AMX
+/* --- int8 tiles with AMX (tile_q8_amx) --------------------------------------------------------------------------
+ * The same arrangement with Advanced Matrix Extensions: one tdpbssd multiplies a 16 x 64 tile of int8 weights (16
+ * rows of a block, loaded straight from the matrix with its row stride) by the block's activations in lanes (16
+ * rows of 4 k-values x 16 activation rows: arrange_lanes with G = 1, signed, no +128 and no weight sums), into
+ * 16 x 16 exact int32 dot products, weight row by activation row. Its 16 K multiply-adds take one instruction, where
+ * VNNI needs 256. Each weight row's 16 sums are then scaled like tile_q8's lanes, block by block in order, so the
+ * results are again bit for bit tile_q8's. Linux lends a process the tile registers on request (amx_ready); each
+ * thread loads the tile configuration before its tiles and releases the registers after (matmul). */
+static int amx_ready(void) {
+  static int ok = -1; /* the first calls may race: all store the same answer */
+  int v = __atomic_load_n(&ok, __ATOMIC_RELAXED);
+  if (v < 0) {
+    v = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    __atomic_store_n(&ok, v, __ATOMIC_RELAXED);
+  }
+  return v;
+}
+
+#ifndef AMX_MIN
+#define AMX_MIN 1
+#endif
+
+static int use_amx(const Mat* A, int M, const Acts* acts) {
+  return M >= AMX_MIN && acts->xl && use_q8(A) && amx_ready();
+}
+
+/* Tiles 0-1: int32 sums, 2-3: weights, 4-5: activations; all 16 rows of 64 bytes. */
+static void amx_config(void) {
+  struct __attribute__((packed, aligned(64))) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 6; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+/* y[m, n0 .. n0+15] for every m < M: tile_q8's result, with AMX, 16 activation rows at a time (a chunk of the
+   lanes: arrange_lanes' rows 16c .. 16c+15 at xl + 16 c K). The tile's weights come from memory for the first
+   chunk and from cache for the others. Blocks alternate between two sets of tiles, so a block's product can start
+   while the last one's sums are read. */
+static void tile_q8_amx(const Mat* A, const Acts* acts, int M, int n0, float* y) {
+  const int K = A->K, N = A->N, nb = K / QBLOCK;
+  const int8_t* w = (const int8_t*)A->w + (size_t)n0 * K;
+  int32_t c[2][TILE * 16] __attribute__((aligned(64)));
+  for (int m0 = 0; m0 < M; m0 += 16) {
+    const uint8_t* xl = acts->xl + (size_t)m0 * K;
+    const float* ql = acts->ql + (size_t)m0 * nb;
+    __m512 acc[TILE]; /* per weight row, its sums with the chunk's 16 activation rows */
+    for (int r = 0; r < TILE; r++) acc[r] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+      const int8_t* wb = w + (size_t)b * QBLOCK;
+      const uint8_t* xb = xl + (size_t)b * TILE * 64;
+#if PREFETCH_AHEAD > 0
+      if (m0 == 0)
+        for (int r = 0; r < TILE; r++) _mm_prefetch(wb + (size_t)(r + TILE) * K, _MM_HINT_T1); /* as in tile_q8 */
+#endif
+      if (b & 1) {
+        _tile_loadd(3, wb, K);
+        _tile_loadd(5, xb, 64);
+        _tile_zero(1);
+        _tile_dpbssd(1, 3, 5);
+        _tile_stored(1, c[1], 64);
+      } else {
+        _tile_loadd(2, wb, K);
+        _tile_loadd(4, xb, 64);
+        _tile_zero(0);
+        _tile_dpbssd(0, 2, 4);
+        _tile_stored(0, c[0], 64);
+      }
+      const __m512 qs = _mm512_loadu_ps(ql + b * 16);
+      for (int r = 0; r < TILE; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[b & 1] + r * 16)), qs, acc[r]);
+    }
+    /* the row scales, and the bias, with one rounding as in tile_q8 */
+    float out[TILE][16];
+    for (int r = 0; r < TILE; r++)
+      _mm512_storeu_ps(out[r], _mm512_fmadd_ps(acc[r], _mm512_set1_ps(((const float*)A->scale)[n0 + r]),
+                                               _mm512_set1_ps(A->bias ? A->bias[n0 + r] : 0.f)));
+    for (int m = m0; m < M && m < m0 + 16; m++)
+      for (int r = 0; r < TILE; r++) y[(size_t)m * N + n0 + r] = out[r][m - m0];
+  }
+}
+#endif
+
 /* The 32 packed bytes of int4 blocks b, b+1 as unsigned nibbles, in dot_int4's order. */
 static inline __attribute__((always_inline)) __m512i unpack_pair(const uint8_t* w, int b) {
   const __m256i p = _mm256_loadu_si256((const __m256i*)(w + 16 * b));
@@ -739,17 +978,49 @@ static void matmul(const Mat* A, const float* x, int M, float* y, Acts* acts) {
     csr_matmul(A, x, M, y, acts);
     return;
   }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if SLM_AMX
+  const int amx = use_amx(A, M, acts);
+#else
+  const int amx = 0;
+#endif
+  /* the activations in lanes, for M' = 16 / G rows (zeros past M; AMX: whole chunks of 16), else tile_q8_lanes */
+  const int G = amx ? 1 : lanes_g(A, M, acts), Mp = amx ? (M + 15) & ~15 : G ? 16 / G : M;
+#else
+  const int Mp = M;
+#endif
   #pragma omp for schedule(static)
-  for (int m = 0; m < M; m++) prepare(A, x, m, acts);
+  for (int m = 0; m < Mp; m++) {
+    if (m < M) prepare(A, x, m, acts);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (G) /* AMX: chunk m / 16 (tile_q8_amx); else M <= 16 / G */
+      arrange_lanes(m < M ? acts->q + (size_t)m * A->K : NULL, acts->qs + (size_t)m * (A->K / QBLOCK), A->K, m % 16,
+                    G, amx ? 0 : 0x80, acts->xl + (size_t)(m / 16) * 16 * A->K,
+                    acts->ql + (size_t)(m / 16) * 16 * (A->K / QBLOCK));
+#endif
+  }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (use_q8(A) || A->kind == W_INT4) { /* whole tiles, then the rows left over: a row always takes the same path */
     const int tiles = A->N / TILE, rest = A->N % TILE;
+#if SLM_AMX
+    if (amx) amx_config(); /* in every thread */
+#endif
     #pragma omp for schedule(static)
     for (int u = 0; u < tiles + rest; u++) {
       if (u >= tiles) row(A, x, acts, M, tiles * TILE + u - tiles, y);
+      else if (A->kind == W_INT8 && G) {
+#if SLM_AMX
+        if (amx) tile_q8_amx(A, acts, M, u * TILE, y);
+        else
+#endif
+          tile_q8_lanes(A, acts, M, G, u * TILE, y);
+      }
       else if (A->kind == W_INT8) tile_q8(A, acts, M, u * TILE, y);
       else tile_int4(A, acts, M, u * TILE, y);
     }
+#if SLM_AMX
+    if (amx) _tile_release(); /* after the loop's barrier: a thread's tile state stays no longer than its tiles */
+#endif
     return;
   }
 #endif
@@ -799,10 +1070,11 @@ void slm_widen(const Mat* A, int n0, int n1, float* out, int nthreads) {
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * One decode step of a dense pre-norm transformer (slmkit.model.GPT with full attention): GPT-2 style (learned or
- * sinusoidal positions, LayerNorm, GELU) or Llama style (RoPE, RMSNorm, SwiGLU, GQA), full or sliding-window
- * attention, dense or Mixture-of-Experts FFN. The KV cache holds fp32, bf16, or int8 rows (one fp32 scale per
- * position and head, the row's largest |value| mapping to 127: slmkit.model.gpt.KVCache).
+ * One decode step of a pre-norm transformer (slmkit.model.GPT): GPT-2 style (learned or sinusoidal positions,
+ * LayerNorm, GELU) or Llama style (RoPE, RMSNorm, SwiGLU, GQA); full, sliding-window, block-sparse, linear (a
+ * recurrent state per sequence instead of keys/values: lin_attend) or LSH attention (lsh_attend); dense or
+ * Mixture-of-Experts FFN; dense or low-rank projections (project). The KV cache holds fp32, bf16, or int8 rows (one
+ * fp32 scale per position and head, the row's largest |value| mapping to 127: slmkit.model.gpt.KVCache).
  *
  * A step advances n sequences of one batch cache by one token each, every sequence at its own position (continuous
  * batching: slmkit.infer.fused.BatchDecoder); batch-1 decoding is the case n = 1. The n activation rows go through
@@ -812,6 +1084,7 @@ void slm_widen(const Mat* A, int n0, int n1, float* out, int nthreads) {
  */
 enum { POS_NONE = 0, POS_TABLE = 1, POS_ROPE = 2 };
 enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
+enum { ATT_DENSE = 0, ATT_BLOCKSPARSE = 1, ATT_LINEAR = 2, ATT_LSH = 3 }; /* fused.py ATTENTION_KINDS */
 
 typedef struct {
   const float *n1w, *n1b, *n2w, *n2b;
@@ -821,6 +1094,12 @@ typedef struct {
   int E, k;       /* Mixture-of-Experts FFN: E experts, k per token; 0 = dense */
   Mat router;
   const Mat *efc, *edown; /* E expert matrices each, laid out like fc/down */
+  /* low-rank layers (slmkit.model.ffn.LowRankLinear, W = B A): the first factor A (rank, in) of each projection,
+     whose second factor B is the Mat above; N = 0 for a dense projection */
+  Mat qkv_a, proj_a, fc_a, down_a;
+  const float* feat; /* linear attention: the random features (m, hd) */
+  float *ls, *lz;    /* linear attention: the cache's recurrent state, sum phi(k) v^T (S, nh, m, hd), sum phi(k) (S, nh, m) */
+  const float* rot;  /* LSH attention: the random rotations as (R, buckets / 2, hd): lsh_buckets */
 } Layer;
 
 typedef struct {
@@ -840,6 +1119,11 @@ typedef struct {
      for each (sequence, choice) its place; estart (E + 1): where each expert's places begin */
   float *ew, *eg, *xe, *eo;
   int *esel, *epair, *eplace, *estart;
+  int attn; /* ATT_DENSE (full, or sliding-window with `window`), ATT_BLOCKSPARSE, ATT_LINEAR, ATT_LSH */
+  int bs_block, bs_global, bs_summary; /* block-sparse: block size, global positions, summary positions per block */
+  int lin_feats;                       /* linear: random features m */
+  int lsh_rounds, lsh_buckets, lsh_keys; /* LSH: hash rounds R, buckets per round, same-bucket keys per query */
+  float* lr; /* low-rank layers: the first factor's outputs, per sequence: the rank */
 } Model;
 
 /* Loads of 16 (AVX-512) or 8 (AVX2) cache values as fp32, from row storage of `kind` at element offset i. */
@@ -928,29 +1212,45 @@ static void kv_put(const Model* m, void* c, float* cs, size_t r, const float* x)
   else memcpy((float*)c + r * hd, x, hd * sizeof(float));
 }
 
+/* Block-sparse attention: is the key at position t visible to a query whose local part (its own block and the one
+   before) begins at lo? Before lo only the global positions are: the first bs_global of the sequence and the last
+   bs_summary of every block (slmkit.model.attention.BlockSparseAttention.visible). */
+static inline int bs_visible(const Model* m, int t, int lo) {
+  return t >= lo || t < m->bs_global || t % m->bs_block >= m->bs_block - m->bs_summary;
+}
+
 /* Attention of one query head q over cache rows r0 + t0 .. r0 + pos (r0: position 0 of its sequence and group),
-   the rows of `kind` (a constant in each call of attend's switch, so each kind compiles to its own loops); sc
-   (max_len) holds the scores, out (hd) receives the result. */
+   the rows of `kind`; with `sparse`, only the rows bs_visible from lo. kind and sparse are constants in each call of
+   attend's switch, so each combination compiles to its own loops (dense attention's without the test). sc (max_len)
+   holds the scores, out (hd) receives the result. */
 static inline __attribute__((always_inline)) void attend_kind(const Model* m, const Layer* L, const float* q,
-                                                              size_t r0, int t0, int pos, float* sc, float* out,
-                                                              int kind) {
+                                                              size_t r0, int t0, int lo, int pos, float* sc,
+                                                              float* out, int kind, int sparse) {
   const int hd = m->hd;
   const float *ks = L->ks ? L->ks + r0 : NULL, *vs = L->vs ? L->vs + r0 : NULL;
   const float scale = 1.f / sqrtf((float)hd);
   float mx = -INFINITY;
   for (int t = t0; t <= pos; t++) {
+    if (sparse && !bs_visible(m, t, lo)) continue;
     sc[t] = dot_kv(q, kind, L->kc, (r0 + t) * hd, hd) * (kind == KV_INT8 ? ks[t] * scale : scale);
     mx = sc[t] > mx ? sc[t] : mx; /* not fmaxf: a library call per position here */
   }
   float sum = 0.f;
-  for (int t = t0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+  for (int t = t0; t <= pos; t++) {
+    if (sparse && !bs_visible(m, t, lo)) continue;
+    sc[t] = expf(sc[t] - mx);
+    sum += sc[t];
+  }
   /* int8 values: each position's weight carries its row scale */
-  if (kind == KV_INT8) for (int t = t0; t <= pos; t++) sc[t] *= vs[t];
+  if (kind == KV_INT8)
+    for (int t = t0; t <= pos; t++)
+      if (!sparse || bs_visible(m, t, lo)) sc[t] *= vs[t];
 #if defined(__AVX512F__)
   if (hd % 16 == 0 && hd <= 256) { /* the output row stays in registers across positions */
     __m512 acc[16];
     for (int j = 0; j < hd / 16; j++) acc[j] = _mm512_setzero_ps();
     for (int t = t0; t <= pos; t++) {
+      if (sparse && !bs_visible(m, t, lo)) continue;
       const __m512 p = _mm512_set1_ps(sc[t]);
       const size_t v = (r0 + t) * hd;
       for (int j = 0; j < hd / 16; j++) acc[j] = _mm512_fmadd_ps(p, kv_load16(kind, L->vc, v + 16 * j), acc[j]);
@@ -964,6 +1264,7 @@ static inline __attribute__((always_inline)) void attend_kind(const Model* m, co
     __m256 acc[32];
     for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_setzero_ps();
     for (int t = t0; t <= pos; t++) {
+      if (sparse && !bs_visible(m, t, lo)) continue;
       const __m256 p = _mm256_set1_ps(sc[t]);
       const size_t v = (r0 + t) * hd;
       for (int j = 0; j < hd / 8; j++) acc[j] = _mm256_fmadd_ps(p, kv_load8(kind, L->vc, v + 8 * j), acc[j]);
@@ -975,21 +1276,178 @@ static inline __attribute__((always_inline)) void attend_kind(const Model* m, co
 #endif
   for (int i = 0; i < hd; i++) out[i] = 0.f;
   for (int t = t0; t <= pos; t++) {
+    if (sparse && !bs_visible(m, t, lo)) continue;
     const float p = sc[t] / sum;
     for (int i = 0; i < hd; i++) out[i] += p * kv_at(kind, L->vc, (r0 + t) * hd + i);
   }
 }
 
-/* Attention of query head h (q, hd values) of the sequence in cache slot `slot` over its positions 0..pos (the last
-   m->window of them, if set). */
+/* Attention of query head h (q, hd values) of the sequence in cache slot `slot` over its positions 0..pos: all of
+   them, the last m->window (sliding window), or the block-sparse pattern. */
 static void attend(const Model* m, const Layer* L, const float* q, int slot, int h, int pos, float* sc, float* out) {
   const int t0 = m->window > 0 && pos >= m->window ? pos - m->window + 1 : 0;
   const size_t r0 = ((size_t)slot * m->nkv + h / (m->nh / m->nkv)) * m->max_len;
-  switch (m->kv_kind) {
-    case KV_BF16: attend_kind(m, L, q, r0, t0, pos, sc, out, KV_BF16); break;
-    case KV_INT8: attend_kind(m, L, q, r0, t0, pos, sc, out, KV_INT8); break;
-    default: attend_kind(m, L, q, r0, t0, pos, sc, out, KV_F32);
+  if (m->attn == ATT_BLOCKSPARSE) {
+    const int lo = pos / m->bs_block > 0 ? (pos / m->bs_block - 1) * m->bs_block : 0;
+    switch (m->kv_kind) {
+      case KV_BF16: attend_kind(m, L, q, r0, 0, lo, pos, sc, out, KV_BF16, 1); break;
+      case KV_INT8: attend_kind(m, L, q, r0, 0, lo, pos, sc, out, KV_INT8, 1); break;
+      default: attend_kind(m, L, q, r0, 0, lo, pos, sc, out, KV_F32, 1);
+    }
+    return;
   }
+  switch (m->kv_kind) {
+    case KV_BF16: attend_kind(m, L, q, r0, t0, t0, pos, sc, out, KV_BF16, 0); break;
+    case KV_INT8: attend_kind(m, L, q, r0, t0, t0, pos, sc, out, KV_INT8, 0); break;
+    default: attend_kind(m, L, q, r0, t0, t0, pos, sc, out, KV_F32, 0);
+  }
+}
+
+/* Linear attention's features (slmkit.model.attention.LinearAttention._phi) of one head x (hd values) into f (m):
+   u = W x' - |x'|^2 / 2 with x' = x hd^-1/4 (s4) and W the m random features (m, hd); a query's features are
+   exp(u - max u), a key's exp(u - kmax), kmax = max_j |W_j|^2 / 2 bounding u independently of the data. */
+static void lin_phi(const Model* m, const float* W, const float* x, float s4, int is_query, float kmax, float* f) {
+  const int hd = m->hd, M = m->lin_feats;
+  float xs[hd], sq = 0.f, mx = -INFINITY;
+  for (int i = 0; i < hd; i++) { xs[i] = x[i] * s4; sq += xs[i] * xs[i]; }
+  for (int j = 0; j < M; j++) {
+    f[j] = dot_kv(xs, KV_F32, W, (size_t)j * hd, hd) - 0.5f * sq;
+    mx = f[j] > mx ? f[j] : mx;
+  }
+  const float st = is_query ? mx : kmax;
+  for (int j = 0; j < M; j++) f[j] = expf(f[j] - st);
+}
+
+/* Linear attention of query head h over the rows `rows` (nr of them, in position order) that this step gives the
+   sequence in cache slot `slot`: each row reads the recurrent state of the positions before it, then adds its own
+   key and value to it, so a prompt chunk computes what one token per step does. The arithmetic is the PyTorch
+   decode step's (LinearAttention._causal with one token): y = (a v + phi(q) S) / (a + phi(q) . z), a = phi(q) .
+   phi(k), then S += phi(k) v^T, z += phi(k). Position 0 starts a sequence from an empty state, whatever an earlier
+   sequence of the slot left (the PyTorch forward ignores the cached state there too). Queries get RoPE here; keys
+   got it when the step stored them. */
+static void lin_attend(Model* m, const Layer* L, int slot, int h, const int* rows, int nr, const int* pos, int QKV) {
+  const int hd = m->hd, M = m->lin_feats, nh = m->nh, nkv = m->nkv, g = h / (nh / nkv);
+  float* S = L->ls + ((size_t)slot * nh + h) * M * hd;
+  float* z = L->lz + ((size_t)slot * nh + h) * M;
+  const float s4 = (float)pow((double)hd, -0.25);
+  float kmax = 0.f, qf[M], kf[M], acc[hd];
+  for (int j = 0; j < M; j++) {
+    const float w2 = dot_kv(L->feat + (size_t)j * hd, KV_F32, L->feat, (size_t)j * hd, hd);
+    kmax = w2 > kmax ? w2 : kmax;
+  }
+  kmax *= 0.5f;
+  for (int r = 0; r < nr; r++) {
+    const int i = rows[r];
+    float* q = m->qkv + (size_t)i * QKV + (size_t)h * hd;
+    const float* k = m->qkv + (size_t)i * QKV + (size_t)(nh + g) * hd;
+    const float* v = k + (size_t)nkv * hd;
+    if (m->pos_kind == POS_ROPE) rope(m, q, pos[i]);
+    if (pos[i] == 0) {
+      memset(S, 0, (size_t)M * hd * sizeof(float));
+      memset(z, 0, (size_t)M * sizeof(float));
+    }
+    lin_phi(m, L->feat, q, s4, 1, kmax, qf);
+    lin_phi(m, L->feat, k, s4, 0, kmax, kf);
+    float a = 0.f, den = 0.f;
+    for (int j = 0; j < M; j++) { a += qf[j] * kf[j]; den += qf[j] * z[j]; }
+    den += a;
+    for (int d = 0; d < hd; d++) acc[d] = 0.f;
+    for (int j = 0; j < M; j++)
+      for (int d = 0; d < hd; d++) acc[d] += qf[j] * S[(size_t)j * hd + d];
+    float* out = m->att + (size_t)i * m->C + (size_t)h * hd;
+    const float inv = den > 1e-30f ? den : 1e-30f;
+    for (int d = 0; d < hd; d++) out[d] = (a * v[d] + acc[d]) / inv;
+    for (int j = 0; j < M; j++) {
+      for (int d = 0; d < hd; d++) S[(size_t)j * hd + d] += kf[j] * v[d];
+      z[j] += kf[j];
+    }
+  }
+}
+
+/* LSH attention's buckets of a key k (hd) in every hash round, into b (R): in round r the argmax over [k R_r; -k R_r]
+   of its rotation R_r, the first maximum on a tie like torch.argmax (LSHAttention._buckets). rot (R, buckets / 2,
+   hd) holds each rotation's columns as rows, so each projection is one contiguous dot product. */
+static void lsh_buckets(const Model* m, const float* rot, const float* k, int* b) {
+  const int hd = m->hd, nb2 = m->lsh_buckets / 2;
+  for (int r = 0; r < m->lsh_rounds; r++) {
+    int best = 0;
+    float bv = -INFINITY;
+    for (int j = 0; j < 2 * nb2; j++) {
+      const int c = r * nb2 + j % nb2;
+      const float d = dot_kv(k, KV_F32, rot, (size_t)c * hd, hd), x = j < nb2 ? d : -d;
+      if (x > bv) { bv = x; best = j; }
+    }
+    b[r] = best;
+  }
+}
+
+/* LSH attention (LSHAttention._dense) of query head h (q, RoPE applied) of the sequence in cache slot `slot` at
+   position pos. In each hash round q attends to the lsh_keys most recent cached keys (its own included) in its own
+   key's bucket: unscaled scores q . k, its own key's replaced by -1e4 (SELF_SCORE, seen only when nothing else is);
+   the rounds' outputs are weighted by the softmax of their log-sum-exps. The keys are hashed again each step, as the
+   PyTorch path does, walking back from pos until every round has its keys. The cache holds the keys (unit vectors,
+   shared-QK, nkv = nh) and values in fp32: KVCache refuses a rounded cache for LSH. */
+static void lsh_attend(const Model* m, const Layer* L, const float* q, int slot, int h, int pos, float* out) {
+  const int hd = m->hd, R = m->lsh_rounds, keys = m->lsh_keys;
+  const size_t r0 = ((size_t)slot * m->nkv + h) * m->max_len * hd;
+  const float *kc = (const float*)L->kc + r0, *vc = (const float*)L->vc + r0;
+  int bq[R], b[R], n[R], idx[R][keys], open = R;
+  lsh_buckets(m, L->rot, kc + (size_t)pos * hd, bq);
+  for (int r = 0; r < R; r++) { idx[r][0] = pos; n[r] = 1; open -= keys == 1; }
+  for (int t = pos - 1; t >= 0 && open > 0; t--) {
+    lsh_buckets(m, L->rot, kc + (size_t)t * hd, b);
+    for (int r = 0; r < R; r++)
+      if (n[r] < keys && b[r] == bq[r]) {
+        idx[r][n[r]++] = t;
+        open -= n[r] == keys;
+      }
+  }
+  float o[R][hd], lse[R], s[keys];
+  for (int r = 0; r < R; r++) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int a = 0; a < n[r]; a++) {
+      s[a] = idx[r][a] == pos ? -1e4f : dot_kv(q, KV_F32, kc, (size_t)idx[r][a] * hd, hd);
+      mx = s[a] > mx ? s[a] : mx;
+    }
+    for (int a = 0; a < n[r]; a++) sum += expf(s[a] - mx);
+    lse[r] = mx + logf(sum);
+    for (int d = 0; d < hd; d++) o[r][d] = 0.f;
+    for (int a = 0; a < n[r]; a++) {
+      const float p = expf(s[a] - lse[r]);
+      const float* v = vc + (size_t)idx[r][a] * hd;
+      for (int d = 0; d < hd; d++) o[r][d] += p * v[d];
+    }
+  }
+  float mx = -INFINITY, sum = 0.f, w[R];
+  for (int r = 0; r < R; r++) mx = lse[r] > mx ? lse[r] : mx;
+  for (int r = 0; r < R; r++) { w[r] = expf(lse[r] - mx); sum += w[r]; }
+  for (int d = 0; d < hd; d++) out[d] = 0.f;
+  for (int r = 0; r < R; r++)
+    for (int d = 0; d < hd; d++) out[d] += o[r][d] * (w[r] / sum);
+}
+
+/* Linear attention's rows of a step: the rows of the n that feed the sequence in row i's slot, in position order,
+   into rows, and their count; 0 when row i is not the first of them (another pair of the step takes that sequence). */
+static int slot_rows(int n, const int* pos, const int* slots, int i, int* rows) {
+  int nr = 0;
+  for (int j = 0; j < n; j++) {
+    if (slots[j] != slots[i]) continue;
+    if (pos[j] < pos[i]) return 0;
+    int at = nr++;
+    for (; at > 0 && pos[rows[at - 1]] > pos[j]; at--) rows[at] = rows[at - 1];
+    rows[at] = j;
+  }
+  return nr;
+}
+
+/* y (n, N) = x W^T through a projection's C view: one matmul, or for a low-rank layer two, x A^T into m->lr, then
+   B. Call from inside a parallel region (matmul's closing barrier orders the two). */
+static void project(Model* m, const Mat* A, const Mat* W, const float* x, int n, float* y) {
+  if (A->N > 0) {
+    matmul(A, x, n, m->lr, &m->acts);
+    x = m->lr;
+  }
+  matmul(W, x, n, y, &m->acts);
 }
 
 static inline float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
@@ -1068,10 +1526,13 @@ static void moe(Model* m, const Layer* L, int n) {
 
 /* One token for each of n sequences of the batch cache: tokens[i] at position pos[i] of the sequence in cache slot
    slots[i] (distinct slots; n at most the cache's batch, what the scratch is sized for). Writes those positions'
-   keys/values into the cache and the next-token logits (n, V). */
+   keys/values into the cache and the next-token logits: of the rows out_rows[0 .. n_out-1], in that order,
+   (n_out, V); out_rows NULL: of every row, (n, V). A prompt chunk's rows before its last need none, and the final
+   norm and the LM head (a large share of a small model's weights) are skipped for them. */
 void slm_decode_batch(Model* m, int n, const int* tokens, const int* pos, const int* slots, float* logits,
-                      int nthreads) {
-  const int C = m->C, hd = m->hd, nh = m->nh, nkv = m->nkv, QKV = (nh + 2 * nkv) * hd;
+                      int nthreads, const int* out_rows, int n_out) {
+  const int C = m->C, hd = m->hd, nh = m->nh, nkv = m->nkv;
+  const int QKV = (m->attn == ATT_LSH ? 2 * nh : nh + 2 * nkv) * hd; /* LSH: queries and values, keys shared */
   for (int i = 0; i < n; i++) {
     float* x = m->x + (size_t)i * C;
     memcpy(x, m->emb + (size_t)tokens[i] * C, C * sizeof(float));
@@ -1084,27 +1545,49 @@ void slm_decode_batch(Model* m, int n, const int* tokens, const int* pos, const 
       const Layer* L = &m->layers[l];
       #pragma omp for schedule(static)
       for (int i = 0; i < n; i++) norm(m, m->x + (size_t)i * C, L->n1w, L->n1b, m->xb + (size_t)i * C);
-      matmul(&L->qkv, m->xb, n, m->qkv, &m->acts);
+      project(m, &L->qkv_a, &L->qkv, m->xb, n, m->qkv);
       /* every key/value of this step is stored before any query reads the cache (the loop's closing barrier) */
       #pragma omp for schedule(static)
       for (int p = 0; p < n * nkv; p++) {
         const int i = p / nkv, g = p % nkv;
+        const size_t r = ((size_t)slots[i] * nkv + g) * m->max_len + pos[i];
+        if (m->attn == ATT_LSH) { /* the key is the unit-length query (F.normalize), after RoPE */
+          float* q = m->qkv + (size_t)i * QKV + (size_t)g * hd;
+          float k[hd], ss = 0.f;
+          if (m->pos_kind == POS_ROPE) rope(m, q, pos[i]);
+          for (int j = 0; j < hd; j++) ss += q[j] * q[j];
+          const float len = sqrtf(ss) > 1e-12f ? sqrtf(ss) : 1e-12f;
+          for (int j = 0; j < hd; j++) k[j] = q[j] / len;
+          kv_put(m, L->kc, L->ks, r, k);
+          kv_put(m, L->vc, L->vs, r, q + (size_t)nh * hd);
+          continue;
+        }
         float* k = m->qkv + (size_t)i * QKV + (size_t)(nh + g) * hd;
         const float* v = k + (size_t)nkv * hd;
-        const size_t r = ((size_t)slots[i] * nkv + g) * m->max_len + pos[i];
         if (m->pos_kind == POS_ROPE) rope(m, k, pos[i]);
-        kv_put(m, L->kc, L->ks, r, k);
-        kv_put(m, L->vc, L->vs, r, v);
+        if (m->attn != ATT_LINEAR) { /* linear attention keeps a recurrent state instead (lin_attend) */
+          kv_put(m, L->kc, L->ks, r, k);
+          kv_put(m, L->vc, L->vs, r, v);
+        }
       }
       /* dynamic: the sequences' lengths, so the pairs' costs, differ */
       #pragma omp for schedule(dynamic)
       for (int p = 0; p < n * nh; p++) {
         const int i = p / nh, h = p % nh;
         float* q = m->qkv + (size_t)i * QKV + (size_t)h * hd;
-        if (m->pos_kind == POS_ROPE) rope(m, q, pos[i]);
-        attend(m, L, q, slots[i], h, pos[i], m->scores + (size_t)p * m->max_len, m->att + (size_t)i * C + h * hd);
+        float* sc = m->scores + (size_t)p * m->max_len;
+        if (m->attn == ATT_LINEAR) { /* a sequence's rows in order: each one's state includes the rows before it */
+          int rows[n];
+          const int nr = slot_rows(n, pos, slots, i, rows);
+          if (nr > 0) lin_attend(m, L, slots[i], h, rows, nr, pos, QKV);
+        } else if (m->attn == ATT_LSH) { /* RoPE was applied with the keys */
+          lsh_attend(m, L, q, slots[i], h, pos[i], m->att + (size_t)i * C + h * hd);
+        } else {
+          if (m->pos_kind == POS_ROPE) rope(m, q, pos[i]);
+          attend(m, L, q, slots[i], h, pos[i], sc, m->att + (size_t)i * C + h * hd);
+        }
       }
-      matmul(&L->proj, m->att, n, m->xb, &m->acts);
+      project(m, &L->proj_a, &L->proj, m->att, n, m->xb);
       #pragma omp for schedule(static)
       for (int i = 0; i < n; i++) {
         float *x = m->x + (size_t)i * C, *xb = m->xb + (size_t)i * C;
@@ -1112,10 +1595,10 @@ void slm_decode_batch(Model* m, int n, const int* tokens, const int* pos, const 
         norm(m, x, L->n2w, L->n2b, xb);
       }
       if (L->E == 0) {
-        matmul(&L->fc, m->xb, n, m->hb, &m->acts);
+        project(m, &L->fc_a, &L->fc, m->xb, n, m->hb);
         #pragma omp for schedule(static)
         for (int i = 0; i < n; i++) activate(m, m->hb + (size_t)i * L->fc.N, m->ha + (size_t)i * m->H);
-        matmul(&L->down, m->ha, n, m->xb, &m->acts);
+        project(m, &L->down_a, &L->down, m->ha, n, m->xb);
         #pragma omp for schedule(static)
         for (int i = 0; i < n; i++)
           for (int c = 0; c < C; c++) m->x[(size_t)i * C + c] += m->xb[(size_t)i * C + c];
@@ -1123,21 +1606,23 @@ void slm_decode_batch(Model* m, int n, const int* tokens, const int* pos, const 
         moe(m, L, n);
       }
     }
+    const int nl = out_rows ? n_out : n;
     #pragma omp for schedule(static)
-    for (int i = 0; i < n; i++) norm(m, m->x + (size_t)i * C, m->nfw, m->nfb, m->xb + (size_t)i * C);
-    matmul(&m->head, m->xb, n, logits, &m->acts);
+    for (int i = 0; i < nl; i++)
+      norm(m, m->x + (size_t)(out_rows ? out_rows[i] : i) * C, m->nfw, m->nfb, m->xb + (size_t)i * C);
+    if (nl > 0) matmul(&m->head, m->xb, nl, logits, &m->acts);
   }
 }
 
 /* Batch-1 decoding: logits (V,) of the token after `token` at position `pos` of cache slot 0. */
 void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) {
   const int slot = 0;
-  slm_decode_batch(m, 1, &token, &pos, &slot, logits, nthreads);
+  slm_decode_batch(m, 1, &token, &pos, &slot, logits, nthreads, NULL, 0);
 }
 
 /* Which instruction paths this build uses: 1 = int8 VNNI (int8 and int4 weights), 2 = bf16 dot products,
    4 = AVX-512, 8 = AVX2 + FMA (the int8 and int4 dots where VNNI is missing, every other vector loop where AVX-512
-   is), 16 = F16C (fp16 scales). */
+   is), 16 = F16C (fp16 scales), 32 = AMX int8 tiles (tile_q8_amx: built, and granted by the kernel). */
 int slm_features(void) {
   int f = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -1154,6 +1639,9 @@ int slm_features(void) {
 #endif
 #if defined(__AVX512F__)
   f |= 4;
+#endif
+#if SLM_AMX
+  if (amx_ready()) f |= 32;
 #endif
   return f;
 }
