@@ -228,7 +228,11 @@ class Engine:
                 req.cache = self.cache.slot(req.slot)
                 # the prompt's start that the slot's last request left in its cache (a chat's system prompt and
                 # earlier turns) is not computed again; its last token always is: its logits give the first new token
-                req.prefilled = req.cache.pos = min(_shared(self._kept[req.slot], req.ids), len(req.ids) - 1)
+                kept = self._kept[req.slot]
+                reuse = min(_shared(kept, req.ids), len(req.ids) - 1)
+                if self.model is not None and self.model.config.attention == "linear" and reuse < len(kept):
+                    reuse = 0  # linear attention's running state sums every kept position: it cannot be cut back
+                req.prefilled = req.cache.pos = reuse
                 self.reused += req.prefilled
             else:
                 req.it = self.llm.lm.generate(req.ids, req.params, stop_ids=tuple(self.tokenizer.stop_ids))
