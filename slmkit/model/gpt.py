@@ -127,6 +127,12 @@ class KVCache:
         view.state = [None if s is None else (s[0][b : b + 1], s[1][b : b + 1]) for s in self.state]
         return view
 
+    @property
+    def rewindable(self) -> bool:
+        """Whether moving `pos` back keeps what the cache holds before it valid: true for keys/values (positions
+        after `pos` are overwritten), false for a recurrent state, which sums every position it was given."""
+        return all(s is None for s in self.state)
+
     def nbytes(self) -> int:
         """Bytes held: key/value buffers and their scales, plus any recurrent state."""
         tensors = [*self.k, *self.v, *self.k_scale, *self.v_scale,

@@ -230,8 +230,8 @@ class Engine:
                 # earlier turns) is not computed again; its last token always is: its logits give the first new token
                 kept = self._kept[req.slot]
                 reuse = min(_shared(kept, req.ids), len(req.ids) - 1)
-                if self.model is not None and self.model.config.attention == "linear" and reuse < len(kept):
-                    reuse = 0  # linear attention's running state sums every kept position: it cannot be cut back
+                if reuse < len(kept) and not req.cache.rewindable:
+                    reuse = 0  # a recurrent state (linear attention) sums every kept position: it cannot be cut back
                 req.prefilled = req.cache.pos = reuse
                 self.reused += req.prefilled
             else:

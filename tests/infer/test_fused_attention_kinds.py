@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_batch_decode import MAX_LEN, _check  # tests/infer is on sys.path
-from test_kernels import VARIANTS, _cpu_has, _fused_logits, _model, use_build
+from test_kernels import _fused_logits, _model, variant  # noqa: F401  (variant: a fixture; kernels.c builds)
 
 from slmkit.compress import quantize
 from slmkit.config import ModelConfig
@@ -44,17 +44,8 @@ KINDS = {
 }
 
 
-@pytest.fixture(params=list(VARIANTS))
-def variant(request, monkeypatch) -> str:
-    """The kernels.c builds of test_kernels.py: native, AVX2 (on AVX-512 machines), scalar."""
-    if request.param == "avx2" and not _cpu_has("avx512f"):
-        pytest.skip("without AVX-512 the native build is the AVX2 one")
-    use_build(VARIANTS[request.param], monkeypatch)
-    return request.param
-
-
 @pytest.mark.parametrize("name", KINDS)
-def test_fused_step_matches_pytorch(variant, name):
+def test_fused_step_matches_pytorch(variant, name):  # noqa: F811  (the imported fixture)
     """18 decode steps after a 6-token PyTorch prefill, against the forward over the whole sequence (each kind's
     efficient path: chunked linear attention, sorted LSH buckets, gathered block-sparse keys)."""
     model = _model(**KINDS[name])
