@@ -291,3 +291,18 @@ def test_causal_attention_dropout():
     q, k, v = (torch.randn(1, 2, 8, 4).bfloat16() for _ in range(3))
     assert causal_attention(q, k, v, 0.0).equal(causal_attention(q, k, v, 0.0))
     assert not causal_attention(q, k, v, 0.5).equal(causal_attention(q, k, v, 0.0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cache_is_rewindable_exactly_when_moving_pos_back_recomputes_the_same(kind):
+    """Decode 12 tokens, rewind to position 8 and feed 4 others: a rewindable cache then equals a fresh prefill of
+    that sequence; linear attention's state (the one cache that says it is not) still sums the 4 dropped tokens."""
+    m = tiny(kind)
+    x, y = torch.randint(0, 61, (1, 12)), torch.randint(0, 61, (1, 4))
+    cache = m.new_cache(1)
+    m(x, cache=cache)
+    cache.pos = 8
+    rewound = m(y, cache=cache)[0]
+    fresh = m(torch.cat([x[:, :8], y], dim=1))[0][:, 8:]
+    assert cache.rewindable == (kind != "linear")
+    assert torch.allclose(rewound, fresh, atol=1e-5, rtol=1e-4) == cache.rewindable
