@@ -9,7 +9,8 @@
  * Weights: int8 (symmetric, -127..127, one fp32 scale per output row), int4, bf16, or fp32; row-major (N, K) like
  * nn.Linear.
  *   - int8: activations are quantized to int8 in blocks of 64 (one fp32 scale per block, like llama.cpp's Q8_0) and
- *     multiplied with AMX (tdpbssd: 16 weight rows x 16 activation rows x 64 per instruction, tile_q8_amx), else
+ *     multiplied with AMX from 2 activation rows (tdpbssd: 16 weight rows x 16 activation rows x 64 per instruction,
+ *     tile_q8_amx), else
  *     AVX-512 VNNI (64 multiply-adds per instruction, in tiles of 16 weight rows: tile_q8, and tile_q8_lanes for 2
  *     to 16 activation rows), else AVX2 (vpmaddubsw, 32); in scalar builds,
  *     or K not a multiple of 64, the weights are widened to fp32 instead and activations stay exact. Every path
@@ -589,8 +590,10 @@ static int amx_ready(void) {
   return v;
 }
 
+/* From 2 rows: at one row a tile multiply uses 1/16 of its rows, and batch-1 decode measured no faster (often
+   slower) than tile_q8's VNNI dots (bench/batch_decode.py, docs/benchmarks.md). -DAMX_MIN=1 to compare. */
 #ifndef AMX_MIN
-#define AMX_MIN 1
+#define AMX_MIN 2
 #endif
 
 static int use_amx(const Mat* A, int M, const Acts* acts) {
