@@ -47,10 +47,26 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=ref.device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's init (the paper's "random Gaussian")
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self._rounded: tuple[tuple[int, int], Tensor] | None = None  # the base weight in bf16, for autocast (_base)
 
     def forward(self, x: Tensor) -> Tensor:
-        # two thin matmuls (x·Aᵀ is (…, r)): never the (out, in) product B·A, which would cost a full weight per step
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scaling
+        base = self.base
+        if isinstance(base, nn.Linear) and not base.weight.requires_grad and _bf16_autocast(x):
+            # Under bf16 autocast every matmul here would round its fp32 operands to bf16 again: x once per matmul,
+            # and the frozen weight on every call (autocast caches only the casts of weights that require grad) —
+            # a sixth of a LoRA step on SmolLM2-135M. Round x once, and the weight once into a kept copy: the same
+            # bits autocast would use. The fp32 weight stays the master (merges and saves read it).
+            x = x.to(torch.bfloat16)
+            w = base.weight
+            key = (w.data_ptr(), w._version)
+            if self._rounded is None or self._rounded[0] != key:
+                self._rounded = (key, w.detach().to(torch.bfloat16))
+            y = F.linear(x, self._rounded[1], None if base.bias is None else base.bias.to(torch.bfloat16))
+        else:
+            y = base(x)
+        # two thin matmuls (x·Aᵀ is (…, r)): never the (out, in) product B·A, which would cost a full weight per step;
+        # the scaling goes on the (…, r) middle, not on the (…, out) result
+        return y + F.linear(F.linear(self.dropout(x), self.lora_a) * self.scaling, self.lora_b)
 
     def delta(self) -> Tensor:
         """The update to the base weight, scaling · B A (out, in)."""
@@ -71,6 +87,11 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def _bf16_autocast(x: Tensor) -> bool:
+    cpu = x.device.type == "cpu"
+    return cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def _role(name: str) -> str:

@@ -51,6 +51,32 @@ def test_merged_equals_unmerged_and_is_a_plain_gpt_again():
     assert (unmerged - model()(ids())[0]).abs().max() > 1e-2  # and the update did change the model
 
 
+def test_under_bf16_autocast_a_frozen_base_gives_autocasts_bits_and_follows_weight_changes():
+    """LoRALinear rounds a frozen base weight to bf16 once and keeps it (autocast would round it on every call): the
+    result must have autocast's bits, gradients must still reach the factors, and an in-place change of the base
+    weight (a merge, a load) must not leave a stale copy behind."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(64, 48).requires_grad_(False)
+    layer = LoRALinear(base, rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_b.normal_(std=0.1, generator=g)
+    x = torch.randn(3, 5, 64, generator=g)
+
+    def reference() -> torch.Tensor:  # what plain autocast computes
+        update = torch.nn.functional.linear(torch.nn.functional.linear(x, layer.lora_a) * layer.scaling, layer.lora_b)
+        return base(x) + update
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, reference())
+        got.float().sum().backward()
+    assert layer.lora_a.grad.abs().sum() > 0 and layer.lora_b.grad.abs().sum() > 0
+    with torch.no_grad():
+        base.weight.mul_(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), reference())
+
+
 def test_only_the_adapter_trains():
     base = model()
     lora = add_lora(copy.deepcopy(base), rank=2, alpha=4).train()
