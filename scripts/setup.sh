@@ -47,7 +47,9 @@ case "$job" in
         echo "setup: could not install chromium; the web chat test will skip" >&2
     fi
     .venv/bin/ruff check slmkit tests bench
-    exec .venv/bin/python -m pytest -q "$@" ;;
+    # two worker processes (pytest-xdist): the suite's tests are independent and each sets its own torch threads;
+    # SLM_TEST_WORKERS=0 runs them in this process (a debugger, or -x stopping at the first failure in order)
+    exec .venv/bin/python -m pytest -q -n "${SLM_TEST_WORKERS:-2}" "$@" ;;
   slm) exec .venv/bin/slm "$@" ;;
   peers)
     if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then

@@ -63,10 +63,22 @@ def release_freed_memory() -> None:
     """Give memory freed by Python/torch back to the OS (glibc's malloc_trim; a no-op elsewhere). Replacing a model's
     fp32 weights by packed ones frees many mid-sized blocks that glibc otherwise keeps in its heap, so a process that
     quantized in memory would go on holding most of the fp32 model's footprint."""
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # not glibc
+            libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, looked up once (find_library runs ldconfig), or None off Linux."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and name:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(name).malloc_trim(0)
+    if not (sys.platform.startswith("linux") and name):
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None

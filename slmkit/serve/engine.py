@@ -34,6 +34,7 @@ from slmkit.api import LLM
 from slmkit.errors import SlmError
 from slmkit.infer.fused import BatchDecoder
 from slmkit.model.gpt import GPT, KVCache
+from slmkit.runtime import release_freed_memory
 from slmkit.sampling import SamplingParams, sample_rows
 from slmkit.tokenizer.stream import TextStream
 
@@ -41,6 +42,7 @@ log = logging.getLogger("slmkit.serve")
 # tokens per slot unless asked: every slot's cache is allocated up front, and an 8k-context model's full one per slot
 # would cost more memory than the model's weights
 DEFAULT_MAX_LEN = 2048
+TRIM_EVERY_S = 10.0  # how often a busy engine returns freed heap memory to the OS (Engine._trim)
 
 
 class QueueFull(Exception):
@@ -133,6 +135,7 @@ class Engine:
         self._stopping = False
         self._seed = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
         self.steps = 0  # decode steps run (for /health and tests)
+        self._last_trim, self._finished_since_trim = time.monotonic(), 0
 
     # --- the caller's side (any thread) ---------------------------------------------------------------------------
 
@@ -205,6 +208,7 @@ class Engine:
                     self._admit()
                 try:
                     self._step()
+                    self._trim()
                 except Exception as e:  # a bug must not take the server down: fail the requests in flight, go on
                     log.exception("engine step failed")
                     for req in list(self._running):
@@ -237,6 +241,15 @@ class Engine:
             else:
                 req.it = self.llm.lm.generate(req.ids, req.params, stop_ids=tuple(self.tokenizer.stop_ids))
             self._running.append(req)
+
+    def _trim(self) -> None:
+        """Every TRIM_EVERY_S while requests come and go, hand the heap's freed pages back to the OS: each request's
+        short-lived tensors and strings (its prompt, logits rows, events) leave freed holes in glibc's heap that it
+        keeps, and a server's resident memory should be its model, its caches and its requests in flight."""
+        now = time.monotonic()
+        if self._finished_since_trim and now - self._last_trim >= TRIM_EVERY_S:
+            release_freed_memory()
+            self._last_trim, self._finished_since_trim = now, 0
 
     def _pick_slot(self, ids: list[int]) -> int:
         """The free slot that saves the most prefill now for the least cached text lost: what its cache holds of the
@@ -384,6 +397,7 @@ class Engine:
     def _release(self, req: Request) -> None:
         if req in self._running:
             self._running.remove(req)
+            self._finished_since_trim += 1
             # keys/values stand at positions < cache.pos: the prompt, then every generated token but the last
             self._kept[req.slot] = (req.ids + req.generated)[: req.cache.pos] if req.cache is not None else []
             with self._cv:

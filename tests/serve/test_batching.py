@@ -174,3 +174,22 @@ def test_bad_settings_are_user_errors(llm):
     for bad in (dict(max_batch=0), dict(max_queue=0), dict(prefill_chunk=0), dict(max_len=1), dict(max_len=10**6)):
         with pytest.raises(SlmError):
             Engine(llm, **bad)
+
+
+def test_a_busy_engine_hands_freed_heap_back_between_requests_not_during_idle_or_every_step(llm, monkeypatch):
+    import slmkit.serve.engine as engine_module
+
+    trims = []
+    monkeypatch.setattr(engine_module, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(engine_module, "TRIM_EVERY_S", 0.0)
+    tok = llm.tokenizer
+    engine = Engine(llm, max_batch=2).start()
+    try:
+        for _ in range(3):
+            got = Collect()
+            engine.submit(Request(tok.encode("the", bos=True), SamplingParams(4, temperature=0), got))
+            assert got.done.wait(30)
+        # each finished request makes the next step trim once, however many steps ran
+        assert 1 <= len(trims) <= 3 < engine.steps
+    finally:
+        engine.stop()
