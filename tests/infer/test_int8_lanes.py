@@ -83,7 +83,8 @@ def test_whole_tiles_take_minus_128_too(M, tiles, blocks, extremes, bias, seed):
 # Builds whose int8 products must agree bit for bit (AVX-512 VNNI machines): AMX tiles where the CPU has them (from 2
 # rows by default, from 1 with -DAMX_MIN=1), the VNNI lanes without AMX, and tile_q8 alone (no lanes; as on a build
 # before them).
-VNNI_BUILDS = {"amx": "", "amx1": "-DAMX_MIN=1", "lanes": "-mno-amx-tile -mno-amx-int8", "tile_q8": "-mno-amx-tile -DLANES_MIN=99"}
+VNNI_BUILDS = {"amx": "", "amx1": "-DAMX_MIN=1", "lanes": "-mno-amx-tile -mno-amx-int8",
+               "tile_q8": "-mno-amx-tile -DLANES_MIN=99"}
 
 
 @pytest.mark.skipif(not kernels.available() or "vnni" not in kernels.features(), reason="no AVX-512 VNNI")
