@@ -96,6 +96,7 @@ def domain(base: Path, work: Path, a: argparse.Namespace) -> str:
     for method in a.methods:
         extra = extras[method]
         out = work / f"domain-{method}"
+        extra = extra + (["--schedule", a.schedule] if a.schedule else [])
         slm("finetune", str(base), "--data", str(shards), "--task", "lm", "--method", method, *extra,
             "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), *a.budget, "--out", str(out),
             "--overwrite", "--quiet", threads=a.threads)
@@ -210,6 +211,8 @@ def main() -> None:
                     help="domain part: which fine-tunes to run (default both)")
     ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; alpha is twice it (default 8)")
     ap.add_argument("--lora-lr", type=float, help="LoRA peak lr (default: slm finetune's)")
+    ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help="lr shape, both methods (default: "
+                    "slm finetune's)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-bytes", type=int, default=200_000, help="bytes of each held-out set scored")
