@@ -53,9 +53,10 @@ class LoRALinear(nn.Module):
         base = self.base
         if isinstance(base, nn.Linear) and not base.weight.requires_grad and _bf16_autocast(x):
             # Under bf16 autocast every matmul here would round its fp32 operands to bf16 again: x once per matmul,
-            # and the frozen weight on every call (autocast caches only the casts of weights that require grad) —
-            # a sixth of a LoRA step on SmolLM2-135M. Round x once, and the weight once into a kept copy: the same
-            # bits autocast would use. The fp32 weight stays the master (merges and saves read it).
+            # and the frozen weight on every call (autocast caches only the casts of weights that require grad),
+            # a visible share of a LoRA step (docs/benchmarks.md, fine-tuning). Round x once, and the weight once
+            # into a kept copy: the same bits autocast would use. The fp32 weight stays the master (merges and saves
+            # read it).
             x = x.to(torch.bfloat16)
             w = base.weight
             key = (w.data_ptr(), w._version)
