@@ -120,13 +120,18 @@ class _ForwardKL(torch.autograd.Function):
         w = torch.where(has, (torch.where(has, log_rest, 0.0) - log_rest_s).exp(), 0.0)  # r_t / r_s
         S = p.sum(-1) + r_t
         q_k = q.gather(-1, ids)
-        grad = q.mul_((S - w).unsqueeze(-1))
-        grad.scatter_(-1, ids, q_k * S.unsqueeze(-1) - p)
-        grad.mul_(alpha * tau / N)  # τ² · (1/τ from z/τ), averaged over positions
+        kl_scale = g * (alpha * tau / N)  # τ² · (1/τ from z/τ), averaged over positions, times the upstream gradient
+        ce_scale = g * ((1 - alpha) / N)
+        # one pass over (N, V) for the tail (every j ∉ K): at τ = 1 the cross-entropy's softmax is q itself, so both
+        # terms scale the same tensor; the top-k columns and the label are then written over / added to
+        fused = tau == 1.0 and alpha < 1
+        grad = q.mul_((kl_scale * (S - w) + (ce_scale if fused else 0)).unsqueeze(-1))
+        grad.scatter_(-1, ids, kl_scale * (q_k * S.unsqueeze(-1) - p) + (ce_scale * q_k if fused else 0))
         if alpha < 1:
-            grad.add_(torch.exp(z - lse1.unsqueeze(-1)), alpha=(1 - alpha) / N)
-            grad.scatter_add_(-1, y.unsqueeze(-1), torch.full((N, 1), -(1 - alpha) / N))
-        return grad.mul_(g), None, None, None, None, None, None
+            if not fused:
+                grad.add_(torch.exp(z - lse1.unsqueeze(-1)).mul_(ce_scale))
+            grad.scatter_add_(-1, y.unsqueeze(-1), (-ce_scale).expand(N, 1).to(grad.dtype))
+        return grad, None, None, None, None, None, None
 
 
 def distill_loss(logits: Tensor, targets: Tensor, ids: Tensor, logp: Tensor, log_rest: Tensor, *, loss: str = "mix",
