@@ -1,0 +1,76 @@
+"""The distillation loss's cost against plain cross-entropy, forward + backward over one batch of student logits.
+
+At a 49,152-token vocabulary (SmolLM2's) a small student's step is mostly its head and the loss over the (N, V)
+logits, so what `slm distill` adds to a step is roughly what this ratio says. Interleaved repeats, medians.
+
+    python bench/distill_loss.py                         # N = 2,048 positions (batch 8 × 256), V = 49,152, top-64
+    python bench/distill_loss.py --positions 512 --vocab 4096 --top-k 32
+
+Markdown on stdout with the CPU model; the figures go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import cpu_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--positions", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from slmkit.distill import distill_loss
+
+    torch.set_num_threads(a.threads)
+    N, V, k = a.positions, a.vocab, a.top_k
+    g = torch.Generator().manual_seed(0)
+    z0, zt = 3 * torch.randn(N, V, generator=g), 3 * torch.randn(N, V, generator=g)
+    lp = (zt / a.temperature).log_softmax(-1)
+    top, ids = lp.topk(k, -1)
+    rest = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1)
+    y = torch.randint(0, V, (N,), generator=g)
+    rows = (ids.int().view(1, N, k), top.half().view(1, N, k), rest.view(1, N))
+
+    def timed(loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        z = z0.clone().requires_grad_()
+        t = time.perf_counter()
+        loss(z).backward()
+        return time.perf_counter() - t
+
+    cases: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "cross-entropy (slm train)": lambda z: F.cross_entropy(z, y),
+        f"mix, α={a.alpha}, T={a.temperature}, top-{k} (slm distill)": lambda z: distill_loss(
+            z.view(1, N, V), y.view(1, N), *rows, loss="mix", alpha=a.alpha, temperature=a.temperature),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(a.repeats + 2):  # two warm-up rounds
+        for name, fn in cases.items():
+            s = timed(fn)
+            if r >= 2:
+                times[name].append(s)
+    base = statistics.median(next(iter(times.values())))
+    print(f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, V={V:,}; median of {a.repeats} interleaved\n")
+    print("| loss, forward + backward | ms | × cross-entropy |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {1000 * statistics.median(ts):,.0f} | {statistics.median(ts) / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
