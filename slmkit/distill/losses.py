@@ -124,13 +124,13 @@ class _ForwardKL(torch.autograd.Function):
         ce_scale = g * ((1 - alpha) / N)
         # one pass over (N, V) for the tail (every j ∉ K): at τ = 1 the cross-entropy's softmax is q itself, so both
         # terms scale the same tensor; the top-k columns and the label are then written over / added to
-        fused = tau == 1.0 and alpha < 1
+        fused = tau == 1.0  # (at α = 1 ce_scale is 0 and adds nothing)
         grad = q.mul_((kl_scale * (S - w) + (ce_scale if fused else 0)).unsqueeze(-1))
         grad.scatter_(-1, ids, kl_scale * (q_k * S.unsqueeze(-1) - p) + (ce_scale * q_k if fused else 0))
         if alpha < 1:
             if not fused:
                 grad.add_(torch.exp(z - lse1.unsqueeze(-1)).mul_(ce_scale))
-            grad.scatter_add_(-1, y.unsqueeze(-1), (-ce_scale).expand(N, 1).to(grad.dtype))
+            grad.scatter_add_(-1, y.unsqueeze(-1), (-ce_scale).expand(N, 1))
         return grad, None, None, None, None, None, None
 
 
