@@ -76,60 +76,81 @@ def topk_kl(logits: Tensor, ids: Tensor, logp: Tensor, log_rest: Tensor, *, temp
     return (logp.exp() * (logp - logq)).sum(-1) + _rest_term(log_rest_t, log_rest_s)
 
 
+# the student's tail mass r_s = 1 − Σ_K q_i by subtraction is exact to ~1e-6 absolute (fp32 log-probs summed in
+# float64); above this it is within 1e-4 relative and is used as is. Rows whose tail is smaller are summed over the
+# tail itself (a masked log-sum-exp over those rows only), where the subtraction would cancel to noise
+_TAIL_BY_SUBTRACTION = 1 / 16
+
+
+def _student_log_rest(logq_all: Tensor, logq: Tensor, ids: Tensor) -> Tensor:
+    """log r_s per row from the student's log-probabilities logq_all (N, V) and their top-k gather logq (N, k)."""
+    if ids.size(-1) == logq_all.size(-1):
+        return torch.full(logq.shape[:-1], float("-inf"), dtype=logq.dtype)
+    rest = 1 - logq.double().exp().sum(-1)
+    out = rest.clamp_min(_TAIL_BY_SUBTRACTION).log().to(logq.dtype)
+    tight = (rest < _TAIL_BY_SUBTRACTION).nonzero().squeeze(-1)
+    if tight.numel():
+        out[tight] = torch.logsumexp(logq_all[tight].scatter_(-1, ids[tight], float("-inf")), dim=-1)
+    return out
+
+
 class _ForwardKL(torch.autograd.Function):
     """α·τ²·KL(p‖q) + (1 − α)·CE(y, q at τ = 1), averaged over N positions, with the backward written out.
 
     Why: autograd through topk_kl keeps a masked copy of the (N, V) logits for the backward and walks the vocabulary
-    about twice as often; at a 49k vocabulary those passes are most of a small student's step. The gradient has a
-    closed form: with S = Σ_K p_i + r_t (1 up to the cache's rounding) and w = r_t / r_s,
+    about twice as often; at a 49k vocabulary those passes are most of a small student's step. Here the forward is one
+    fused log-softmax (saved; the tail mass r_s comes from the top-k, _student_log_rest) and the backward two in-place
+    passes over it. The gradient has a closed form: with S = Σ_K p_i + r_t (1 up to the cache's rounding) and
+    w = r_t / r_s,
 
         ∂KL/∂(z_j/τ) = S·q_j − p_j  (j ∈ K),    (S − w)·q_j  (j ∉ K)
 
     — the student's softmax minus the teacher's distribution with its rest mass spread the way the student spreads
-    its own tail; the cross-entropy adds q¹ − onehot(y). Only the logits are saved; q is recomputed in backward.
-    tests/distill/test_distill_losses.py checks value and gradient against autograd through topk_kl.
+    its own tail; the cross-entropy adds q¹ − onehot(y). Every tail column is q_j times a per-row factor c, written as
+    exp(log q_j + log |c|) (and the sign of the few rows with c < 0 flipped). tests/distill/test_distill_losses.py
+    checks value and gradient against autograd through topk_kl.
     """
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, ids: Tensor, logp: Tensor, log_rest: Tensor, y: Tensor, tau: float,
                 alpha: float) -> Tensor:  # z (N, V) fp32, ids (N, k), logp (N, k), log_rest (N,), y (N,)
-        zs = z / tau if tau != 1.0 else z
-        lse = torch.logsumexp(zs, dim=-1)  # (N,)
-        logq = zs.gather(-1, ids) - lse.unsqueeze(-1)  # (N, k)
-        if ids.size(-1) < z.size(-1):
-            log_rest_s = torch.logsumexp(zs.scatter(-1, ids, float("-inf")), dim=-1) - lse
-        else:
-            log_rest_s = torch.full_like(lse, float("-inf"))
+        logq_all = torch.log_softmax(z / tau if tau != 1.0 else z, dim=-1)  # (N, V)
+        logq = logq_all.gather(-1, ids)  # (N, k)
+        log_rest_s = _student_log_rest(logq_all, logq, ids)
         p = logp.exp()
         kl = (p * (logp - logq)).sum(-1) + _rest_term(log_rest, log_rest_s)  # (N,)
         loss = alpha * tau**2 * kl.mean()
-        lse1 = lse if tau == 1.0 else torch.logsumexp(z, dim=-1)
         if alpha < 1:
-            loss = loss + (1 - alpha) * (lse1 - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
-        ctx.save_for_backward(z, ids, p, log_rest, log_rest_s, lse, lse1, y)
+            logq1_y = logq_all.gather(-1, y.unsqueeze(-1)).squeeze(-1) if tau == 1.0 else \
+                z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+            loss = loss - (1 - alpha) * logq1_y.mean()
+        ctx.save_for_backward(logq_all, logq, ids, p, log_rest, log_rest_s, y, z if tau != 1.0 else None)
         ctx.tau, ctx.alpha = tau, alpha
         return loss
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        z, ids, p, log_rest, log_rest_s, lse, lse1, y = ctx.saved_tensors
-        tau, alpha, N = ctx.tau, ctx.alpha, z.size(0)
-        q = torch.exp((z / tau if tau != 1.0 else z) - lse.unsqueeze(-1))  # (N, V): becomes the gradient in place
+        logq_all, logq, ids, p, log_rest, log_rest_s, y, z = ctx.saved_tensors
+        tau, alpha, N = ctx.tau, ctx.alpha, logq_all.size(0)
         has = torch.isfinite(log_rest)
         r_t = torch.where(has, log_rest.exp(), 0.0)
         w = torch.where(has, (torch.where(has, log_rest, 0.0) - log_rest_s).exp(), 0.0)  # r_t / r_s
         S = p.sum(-1) + r_t
-        q_k = q.gather(-1, ids)
+        q_k = logq.exp()
         kl_scale = g * (alpha * tau / N)  # τ² · (1/τ from z/τ), averaged over positions, times the upstream gradient
         ce_scale = g * ((1 - alpha) / N)
-        # one pass over (N, V) for the tail (every j ∉ K): at τ = 1 the cross-entropy's softmax is q itself, so both
-        # terms scale the same tensor; the top-k columns and the label are then written over / added to
+        # at τ = 1 the cross-entropy's softmax is q itself, so both terms scale the same tensor; the top-k columns
+        # and the label are then written over / added to
         fused = tau == 1.0  # (at α = 1 ce_scale is 0 and adds nothing)
-        grad = q.mul_((kl_scale * (S - w) + (ce_scale if fused else 0)).unsqueeze(-1))
+        c = kl_scale * (S - w) + (ce_scale if fused else 0)  # (N,)
+        grad = logq_all.add_(c.abs().log().unsqueeze(-1)).exp_()  # q·|c| in place of the saved log-softmax
+        neg = (c < 0).nonzero().squeeze(-1)
+        if neg.numel():
+            grad[neg] = grad[neg].neg_()
         grad.scatter_(-1, ids, kl_scale * (q_k * S.unsqueeze(-1) - p) + (ce_scale * q_k if fused else 0))
         if alpha < 1:
             if not fused:
-                grad.add_(torch.exp(z - lse1.unsqueeze(-1)).mul_(ce_scale))
+                grad.add_(torch.log_softmax(z, dim=-1).exp_().mul_(ce_scale))
             grad.scatter_add_(-1, y.unsqueeze(-1), (-ce_scale).expand(N, 1))
         return grad, None, None, None, None, None, None
 
