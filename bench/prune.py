@@ -10,7 +10,8 @@ Wanda's Δbpb at most half of magnitude's at the same sparsity.
 
 Structured, on the trained model: FFN channels and whole layers, each sized to remove --structured (default 30 %) of
 the parameters, then healed for --heal (default 5m) distilled from the parent; and a truncated-SVD factorisation at
---energy, healed the same. The target: decode ≥ 1.25× the parent's with Δbpb ≤ +5 %.
+--energy, healed the same. The target: decode ≥ 1.25× the parent's with Δbpb ≤ +5 %, the decode ratio read from
+batch-1 decode timed interleaved (parent and rows taking turns, as for the VSLM below).
 
 Very sparse (VSLM), on the trained model: magnitude pruning to --vslm-sparsity (default 90 %) gradually during a
 --vslm-heal run (Zhu & Gupta's cubic schedule, `slm prune --gradual`), stored sparse with fp32 and with bf16 values;
@@ -26,6 +27,7 @@ matrix at a time (so in cache: it understates what CSR saves when a whole model 
     python bench/prune.py --run runs/mine --no-smollm2 --heal 2m
     python bench/prune.py --smoke                               # seconds: a tiny model, tiny settings
     python bench/prune.py --only-vslm --vslm-heal 10m           # just the very sparse table
+    python bench/prune.py --only-structured --run runs/mine     # just the structured table
     python bench/prune.py --csr-sweep                           # CSR vs dense matrix products, seconds
 
 Markdown on stdout with the CPU model; the figures go to docs/benchmarks.md.
@@ -122,10 +124,25 @@ def structured(parent: Path, work: Path, sets: list[str], a: argparse.Namespace)
              (f"layers {100 * layer_share:.0f} % + heal", prune_run,
               dict(method="layers", sparsity=layer_share, calib_samples=a.calib_samples)),
              (f"SVD energy {a.energy} + heal", factorize_run, dict(energy=a.energy))]
+    paths = {"parent": parent}
     for label, fn, kw in plans:
-        out = fn(parent, work / label.split()[0], heal=a.heal, overwrite=True, progress=False, **kw)
+        out = paths[label] = fn(parent, work / label.split()[0], heal=a.heal, overwrite=True, progress=False, **kw)
         rows.append(measure(out, label, sets, a, parent=False))
+    speed = interleaved(paths, a)
+    for r in rows:
+        r["decode_interleaved"] = speed[r["label"]]
     return rows
+
+
+def structured_verdict(rows: list[dict], sets: list[str]) -> None:
+    base, s = rows[0], sets[0]
+    ref = base["decode_interleaved"]
+    print(f"\nbatch-1 decode of the fused C step, interleaved ({len(rows)} models taking turns): " + ", ".join(
+        f"{r['label']} {r['decode_interleaved']:,.1f} tok/s ({r['decode_interleaved'] / ref:.2f}x)" for r in rows))
+    for r in rows[1:]:
+        speed, dbpb = r["decode_interleaved"] / ref, 100 * (r["bpb"][s] / base["bpb"][s] - 1)
+        met = "met" if speed >= 1.25 and dbpb <= 5 else "not met"
+        print(f"{r['label']}: decode {speed:.2f}x, Δbpb {dbpb:+.2f} % on {s} (target ≥ 1.25x with ≤ +5 %: {met})")
 
 
 def decode_tok_s(model: Any, tokens: int, threads: int) -> float:
@@ -307,6 +324,7 @@ def main() -> None:
     ap.add_argument("--vslm-heal", default="10m", help="the gradual pruning run's budget (default 10m)")
     ap.add_argument("--no-vslm", action="store_true", help="skip the very sparse table")
     ap.add_argument("--only-vslm", action="store_true", help="only the very sparse table")
+    ap.add_argument("--only-structured", action="store_true", help="only the structured and low-rank table")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved decode timing: rounds (default 5)")
     ap.add_argument("--decode-tokens", type=int, default=256, help="tokens per timed decode (default 256)")
     ap.add_argument("--csr-sweep", action="store_true", help="only time CSR vs dense products over densities")
@@ -336,7 +354,7 @@ def main() -> None:
         print(f"CPU: {cpu_model()}; {a.threads} threads; slmkit {slmkit.__version__}; parent {parent}; first "
               f"{a.max_bytes:,} bytes of each set, context ≤ 1024")
         results: dict[str, Any] = {}
-        if not a.no_vslm:
+        if not a.no_vslm and not a.only_structured:
             rows = vslm(parent, work / "vslm", a.sets, a)
             table(f"Very sparse: {100 * a.vslm_sparsity:.0f} % by gradual magnitude pruning over {a.vslm_heal}, vs "
                   f"the parent and a dense model of equal non-zeros: {parent.name}", rows, a.sets)
@@ -346,11 +364,12 @@ def main() -> None:
             print(json.dumps({"cpu": cpu_model(), "args": {k: str(v) for k, v in vars(a).items()}, **results}),
                   file=sys.stderr)
             return
-        rows = unstructured(parent, work / "trained", a.sets, a, calib=None)
-        table(f"Unstructured, one-shot: {parent.name}", rows, a.sets)
-        wanda_vs_magnitude(rows, a.sets, a.sparsity)
-        results["trained_unstructured"] = rows
-        if not a.no_smollm2:
+        if not a.only_structured:
+            rows = unstructured(parent, work / "trained", a.sets, a, calib=None)
+            table(f"Unstructured, one-shot: {parent.name}", rows, a.sets)
+            wanda_vs_magnitude(rows, a.sets, a.sparsity)
+            results["trained_unstructured"] = rows
+        if not a.no_smollm2 and not a.only_structured:
             _, sm = smollm2(CACHE)
             rows = unstructured(sm, work / "smollm2", a.sets, a, calib=a.smollm2_calib)
             table("Unstructured, one-shot: SmolLM2-135M", rows, a.sets)
@@ -359,6 +378,7 @@ def main() -> None:
         rows = structured(parent, work / "structured", a.sets, a)
         table(f"Structured ({100 * a.structured:.0f} % of the parameters) and low-rank, healed {a.heal}: "
               f"{parent.name}", rows, a.sets)
+        structured_verdict(rows, a.sets)
         results["structured"] = rows
         print(json.dumps({"cpu": cpu_model(), "args": {k: str(v) for k, v in vars(a).items()}, **results}),
               file=sys.stderr)
