@@ -143,7 +143,9 @@ class _ForwardKL(torch.autograd.Function):
         # and the label are then written over / added to
         fused = tau == 1.0  # (at α = 1 ce_scale is 0 and adds nothing)
         c = kl_scale * (S - w) + (ce_scale if fused else 0)  # (N,)
-        grad = logq_all.add_(c.abs().log().unsqueeze(-1)).exp_()  # q·|c| in place of the saved log-softmax
+        # q·|c| in place of the saved log-softmax (a second backward through retain_graph fails autograd's version check
+        # on it instead of reading a spent tensor)
+        grad = logq_all.add_(c.abs().log().unsqueeze(-1)).exp_()
         neg = (c < 0).nonzero().squeeze(-1)
         if neg.numel():
             grad[neg] = grad[neg].neg_()
