@@ -134,11 +134,17 @@ def structured(parent: Path, work: Path, sets: list[str], a: argparse.Namespace)
     return rows
 
 
+def print_interleaved(rows: list[dict]) -> None:
+    """The interleaved decode line: each row's tokens/s and its ratio to the first row's (the parent's)."""
+    ref = rows[0]["decode_interleaved"]
+    print(f"\nbatch-1 decode of the fused C step, interleaved ({len(rows)} models taking turns): " + ", ".join(
+        f"{r['label']} {r['decode_interleaved']:,.1f} tok/s ({r['decode_interleaved'] / ref:.2f}x)" for r in rows))
+
+
 def structured_verdict(rows: list[dict], sets: list[str]) -> None:
     base, s = rows[0], sets[0]
     ref = base["decode_interleaved"]
-    print(f"\nbatch-1 decode of the fused C step, interleaved ({len(rows)} models taking turns): " + ", ".join(
-        f"{r['label']} {r['decode_interleaved']:,.1f} tok/s ({r['decode_interleaved'] / ref:.2f}x)" for r in rows))
+    print_interleaved(rows)
     for r in rows[1:]:
         speed, dbpb = r["decode_interleaved"] / ref, 100 * (r["bpb"][s] / base["bpb"][s] - 1)
         met = "met" if speed >= 1.25 and dbpb <= 5 else "not met"
@@ -243,9 +249,7 @@ def vslm(parent: Path, work: Path, sets: list[str], a: argparse.Namespace) -> li
 
 def vslm_verdict(rows: list[dict], sets: list[str]) -> None:
     base, sp, sp16, dense = rows
-    ref = base["decode_interleaved"]
-    print(f"\nbatch-1 decode of the fused C step, interleaved ({len(rows)} models taking turns): " + ", ".join(
-        f"{r['label']} {r['decode_interleaved']:,.1f} tok/s ({r['decode_interleaved'] / ref:.2f}x)" for r in rows))
+    print_interleaved(rows)
     for r in (sp, sp16):
         size, speed = r["mb"] / base["mb"], r["decode_interleaved"] / base["decode_interleaved"]
         print(f"{r['label']}: file {size:.3f}x the parent's (target ≤ 0.25: {'met' if size <= 0.25 else 'not met'}), "
