@@ -1,10 +1,12 @@
-"""The distillation loss's cost against plain cross-entropy, forward + backward over one batch of student logits.
+"""The training losses' cost against PyTorch's cross-entropy, forward + backward over one batch of logits: slmkit's
+cross-entropy (slm train, slm finetune) and the distillation loss (slm distill).
 
 At a 49,152-token vocabulary (SmolLM2's) a small student's step is mostly its head and the loss over the (N, V)
 logits, so what `slm distill` adds to a step is roughly what this ratio says. Interleaved repeats, medians.
 
     python bench/distill_loss.py                         # N = 2,048 positions (batch 8 × 256), V = 49,152, top-64
     python bench/distill_loss.py --positions 512 --vocab 4096 --top-k 32
+    python bench/distill_loss.py --dtype bf16            # logits as bf16 autocast leaves them
 
 Markdown on stdout with the CPU model; the figures go to docs/benchmarks.md.
 """
@@ -31,17 +33,20 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the logits' dtype")
     a = ap.parse_args()
 
     import torch
     import torch.nn.functional as F
 
     from slmkit.distill import distill_loss
+    from slmkit.model.loss import cross_entropy
 
     torch.set_num_threads(a.threads)
     N, V, k = a.positions, a.vocab, a.top_k
     g = torch.Generator().manual_seed(0)
     z0, zt = 3 * torch.randn(N, V, generator=g), 3 * torch.randn(N, V, generator=g)
+    z0 = z0.to(torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     lp = (zt / a.temperature).log_softmax(-1)
     top, ids = lp.topk(k, -1)
     rest = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1)
@@ -55,7 +60,8 @@ def main() -> None:
         return time.perf_counter() - t
 
     cases: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "cross-entropy (slm train)": lambda z: F.cross_entropy(z, y),
+        "PyTorch F.cross_entropy(logits.float())": lambda z: F.cross_entropy(z.float(), y),
+        "slmkit cross_entropy (slm train, slm finetune)": lambda z: cross_entropy(z, y),
         f"mix, α={a.alpha}, T={a.temperature}, top-{k} (slm distill)": lambda z: distill_loss(
             z.view(1, N, V), y.view(1, N), *rows, loss="mix", alpha=a.alpha, temperature=a.temperature),
     }
@@ -66,8 +72,9 @@ def main() -> None:
             if r >= 2:
                 times[name].append(s)
     base = statistics.median(next(iter(times.values())))
-    print(f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, V={V:,}; median of {a.repeats} interleaved\n")
-    print("| loss, forward + backward | ms | × cross-entropy |\n|---|---|---|")
+    print(f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, V={V:,}, {a.dtype} logits; "
+          f"median of {a.repeats} interleaved\n")
+    print("| loss, forward + backward | ms | × PyTorch's |\n|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {1000 * statistics.median(ts):,.0f} | {statistics.median(ts) / base:.2f} |")
 

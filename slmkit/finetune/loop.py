@@ -65,6 +65,7 @@ from slmkit.fsutil import atomic_dir, write_json
 from slmkit.infer.neural import _headless
 from slmkit.metrics import bits_per_byte, lm_loss
 from slmkit.model import GPT
+from slmkit.model.loss import cross_entropy
 from slmkit.runtime import autocast, resolve_precision, set_threads
 from slmkit.tokenizer import Tokenizer
 from slmkit.train.loop import Batcher, MetricsLog, StopFlag, _progress_bar, _resumed_config
@@ -138,7 +139,7 @@ def masked_lm_loss(model: GPT, x: Tensor, y: Tensor, reduction: str = "mean") ->
     with _headless(model) as head:
         hidden, _ = model(x)  # (B, T, C)
     keep = y != -1
-    return F.cross_entropy(head(hidden[keep]).float(), y[keep], reduction=reduction)
+    return cross_entropy(head(hidden[keep]), y[keep], reduction=reduction)
 
 
 class _ChatTask:

@@ -21,6 +21,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.model.attention import ATTENTION_KINDS, STATE_ONLY_KINDS, causal_attention, project_qkv, store_kv
 from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
+from slmkit.model.loss import cross_entropy
 
 # ---------------------------------------------------------------------------------------------------------------------
 # positions
@@ -320,7 +321,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None  # (B, 1 or T, V)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = cross_entropy(logits, targets)
         return logits, loss
 
     # --- accounting ---------------------------------------------------------------------------------------------------
