@@ -275,8 +275,11 @@ def cmd_prune(a: argparse.Namespace) -> None:
     if p["structure"] == "unstructured":
         how = f"{100 * p['sparsity']:.1f} % of the block weights zeroed, stored {meta['storage']['format']}"
     else:
-        field = "mlp_hidden" if p["structure"] == "channels" else "n_layer"
-        how = f"{'FFN channels' if field == 'mlp_hidden' else 'layers'} {p[field][0]} → {p[field][1]}"
+        field, unit = {"channels": ("mlp_hidden", "FFN channels"), "layers": ("n_layer", "layers"),
+                       "heads": ("n_head", "attention heads")}[p["structure"]]
+        how = f"{unit} {p[field][0]} → {p[field][1]}"
+        if p["structure"] == "heads" and p["n_kv_head"][0] != p["n_kv_head"][1]:
+            how += f", KV heads {p['n_kv_head'][0]} → {p['n_kv_head'][1]}"
     _compressed_summary(out, meta, f"pruned {a.run} by {a.method} in {meta['prune_time']:.1f}s ({how})")
 
 
@@ -622,19 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--out", required=True, help="checkpoint directory to create")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing --out that slmkit wrote")
 
-    pn = add("prune", cmd_prune, "prune a model: zero weights (stored sparse) or remove FFN channels or layers")
+    pn = add("prune", cmd_prune, "prune a model: zero weights (stored sparse) or remove FFN channels, heads or "
+                                 "layers")
     pn.add_argument("run", help="run or checkpoint directory to prune (native or imported)")
     pn.add_argument("--method", required=True, metavar="METHOD",
                     help="magnitude | wanda | nm:N:M (keep N of every M inputs, e.g. nm:2:4): zeros in the matrices; "
-                         "channels | layers: a smaller dense model that decodes faster")
+                         "channels | heads | layers: a smaller dense model that decodes faster")
     pn.add_argument("--sparsity", type=float,
                     help="share removed, in [0, 1): of each matrix's weights (magnitude, wanda), of the FFN channels "
-                         "(channels) or of the layers (layers); N:M sets its own")
+                         "(channels), of the attention heads (heads; rounded to keep GQA groups whole) or of the "
+                         "layers (layers); N:M sets its own")
     pn.add_argument("--score", choices=["wanda", "magnitude"], default="wanda",
                     help="what ranks the weights of an N:M group (default wanda: |W| x input norm)")
     pn.add_argument("--calib", metavar="SET",
-                    help="calibration text for wanda/nm/channels/layers, named like slm eval --lm (default: the run's "
-                         "own training data)")
+                    help="calibration text for wanda/nm/channels/heads/layers, named like slm eval --lm (default: the "
+                         "run's own training data)")
     pn.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     pn.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
     pn.add_argument("--gradual", action="store_true",

@@ -201,6 +201,7 @@ class ModelConfig(_Serializable):
     n_head: int = 4
     n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
     n_embd: int = 128
+    head_size: int | None = None  # None = n_embd / n_head; set when heads were pruned (attention width != n_embd)
     mlp: Mlp = "gelu"
     mlp_hidden: int | None = None  # None = 4*n_embd (gelu) or 8/3*n_embd rounded up to 32 (swiglu)
     norm: Norm = "layernorm"
@@ -240,11 +241,15 @@ class ModelConfig(_Serializable):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"ModelConfig.{name}={v!r} must be a positive integer")
-        _check(
-            self.n_embd % self.n_head == 0,
-            f"ModelConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (try n_head in "
-            f"{[h for h in range(1, 33) if self.n_embd % h == 0][-4:]})",
-        )
+        if self.head_size is None:
+            _check(
+                self.n_embd % self.n_head == 0,
+                f"ModelConfig.n_head={self.n_head} must divide n_embd={self.n_embd} (try n_head in "
+                f"{[h for h in range(1, 33) if self.n_embd % h == 0][-4:]})",
+            )
+        else:
+            _check(isinstance(self.head_size, int) and self.head_size > 0,
+                   f"ModelConfig.head_size={self.head_size!r} must be a positive integer or None (n_embd / n_head)")
         derived = []
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
@@ -314,7 +319,12 @@ class ModelConfig(_Serializable):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of the concatenated attention heads, n_head · head_dim: n_embd unless heads were pruned."""
+        return self.n_head * self.head_dim
 
     def variant(self) -> str:
         """Short label of the spectrum features in use, e.g. 'local w64', 'moe 8/top2', 'shared ffn' (else 'dense')."""

@@ -35,11 +35,17 @@ Structured methods remove whole units and give a smaller dense model of an ordin
   best ones); the count is rounded to a multiple of 32 when the width is one, so the model still quantizes to int4.
 - layers: whole blocks, by ShortGPT's block influence 1 − mean cos(x_in, x_out) on calibration text (the blocks that
   change the residual stream least go).
-- heads: not yet. ModelConfig derives head_dim as n_embd / n_head, so a model with fewer heads of the same width
-  cannot be written down; it needs a head_dim field (and the C decode step's attention stride to follow it).
+- heads: attention heads, by Σ_t ‖W_o[:, h] y_h,t‖² — how much head h adds to the residual stream over the
+  calibration tokens (y_h,t its output at token t; Minitron's activation-based head importance). ModelConfig has one
+  n_head and n_kv_head, so every layer keeps the same number (its own best ones), and grouped-query attention stays
+  grouped: the kept count is rounded to one that either drops whole KV groups (a key/value head with all its query
+  heads; the KV cache shrinks too) or keeps every KV head and the same number of query heads in each group,
+  whichever is nearer the request (ties: the one that removes less). The head size stays; the config records it
+  (head_size), as the attention is then narrower than n_embd.
 
-For structured methods `sparsity` is the share of the units removed (channels of each FFN, layers); the parameters
-removed follow, and are recorded. Measured on the unpruned model in one calibration pass (Minitron, ShortGPT).
+For structured methods `sparsity` is the share of the units removed (channels of each FFN, layers, query heads); the
+parameters removed follow, and are recorded. Measured on the unpruned model in one calibration pass (Minitron,
+ShortGPT).
 """
 
 from __future__ import annotations
@@ -112,11 +118,8 @@ def check_request(method: Method, sparsity: float | None, score: str, calib: obj
         raise SlmError(f"--method {method.kind} needs --sparsity S, the share to remove, in [0, 1)")
     elif not (isinstance(sparsity, int | float) and 0 <= sparsity < 1):
         raise SlmError(f"--sparsity {sparsity} must be in [0, 1): the share of weights (or units) removed")
-    if method.kind == "heads":
-        raise SlmError("--method heads is not supported yet: ModelConfig derives head_dim = n_embd / n_head, so a "
-                       "model with fewer heads of the same width has no config; prune channels or layers")
     if calib is not None and not method.calibrated(score):
-        raise SlmError(f"--calib is for calibrated methods (wanda, nm with the wanda score, channels, layers); "
+        raise SlmError(f"--calib is for calibrated methods (wanda, nm with the wanda score, channels, layers, heads); "
                        f"{method.kind} needs none")
     if gradual and method.kind != "magnitude":
         raise SlmError(f"--gradual prunes by magnitude while healing; use --method magnitude, not {method.kind}")
@@ -126,7 +129,7 @@ def check_request(method: Method, sparsity: float | None, score: str, calib: obj
 
 def prune_model(model: GPT, method: str, sparsity: float | None = None, *, calib: Tensor | None = None,
                 score: str = "wanda") -> GPT:
-    """Prune `model` by `method` ("magnitude", "wanda", "nm:N:M", "channels", "layers") removing the share
+    """Prune `model` by `method` ("magnitude", "wanda", "nm:N:M", "channels", "layers", "heads") removing the share
     `sparsity` (None for N:M), calibrated on the token ids `calib` (B, T) where the method measures activations;
     `score` ranks N:M groups ("wanda" or "magnitude"). Unstructured methods zero weights in place and return
     `model`; structured ones return a new, smaller GPT (the module docstring says what each removes and how).
@@ -148,7 +151,7 @@ def _prune(model: GPT, m: Method, sparsity: float | None, calib: Tensor | None,
     s = sparsity or 0.0  # N:M's is its own
     if m.kind in UNSTRUCTURED:
         return _unstructured(model, m, s, calib)
-    return (_channels if m.kind == "channels" else _layers)(model, s, calib)  # type: ignore[arg-type]
+    return {"channels": _channels, "layers": _layers, "heads": _heads}[m.kind](model, s, calib)  # type: ignore[arg-type]
 
 
 def _check_calib(model: GPT, calib: Tensor | None, kind: str) -> None:
@@ -383,6 +386,82 @@ def _layers(model: GPT, s: float, calib: Tensor) -> tuple[GPT, dict[str, Any]]:
     pruned = _rebuild(model, {"n_layer": L - drop}, sd)
     return pruned, {"structure": "layers", "n_layer": [L, L - drop], "removed_share": drop / L, "kept_layers": kept,
                     "block_influence": [round(float(b), 6) for b in influence]}
+
+
+def _head_shape(nh: int, nkv: int, s: float) -> tuple[int, int]:
+    """(query heads, KV heads) kept when removing the share `s` of `nh` query heads in `nkv` groups (docstring)."""
+    g = nh // nkv
+    options = {(g * k, k) for k in range(1, nkv + 1)} | {(nkv * j, nkv) for j in range(1, g + 1)}
+    target = (1 - s) * nh
+    return min(options, key=lambda o: (abs(o[0] - target), -o[0], -o[1]))
+
+
+def _head_scores(model: GPT, calib: Tensor) -> dict[int, Tensor]:
+    """Per attention module (by id): (nh,) Σ over calibration tokens of ‖W_o[:, h] y_h‖², what each head adds to the
+    residual stream (y_h: the head's output entering the output projection). A shared block sums over its uses."""
+    scores: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for layer, run_layer, xs in layer_inputs(model, calib):
+            if layer is model.norm_f:
+                continue
+            attn = layer.attn
+            nh, hd = attn.nh, attn.hd
+            w = attn.proj.weight.detach().float().view(-1, nh, hd)  # (C, nh, hd)
+            gram = torch.einsum("chd,che->hde", w, w)  # (nh, hd, hd): ‖W_h y‖² = yᵀ W_hᵀ W_h y, no (N, nh, C)
+            acc = scores.setdefault(id(attn), torch.zeros(nh, dtype=torch.float64))
+
+            def hook(_m: nn.Module, args: tuple[Tensor, ...], acc: Tensor = acc, gram: Tensor = gram) -> None:
+                y = args[0].float().reshape(-1, *gram.shape[:2])  # (N, nh, hd)
+                acc += torch.einsum("nhd,hde,nhe->h", y, gram, y).double()
+
+            handle = attn.proj.register_forward_pre_hook(hook)
+            try:
+                for x in xs:
+                    run_layer(x)
+            finally:
+                handle.remove()
+    return scores
+
+
+def _heads(model: GPT, s: float, calib: Tensor) -> tuple[GPT, dict[str, Any]]:
+    cfg = model.config
+    if cfg.attention == "lsh" or cfg.lowrank:
+        raise SlmError("--method heads prunes the fused q/k/v projection of nn.Linear layers; this model's attention "
+                       f"is {'LSH (shared queries and keys)' if cfg.attention == 'lsh' else 'low-rank factorised'} — "
+                       "prune channels, layers or weights instead")
+    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    g = nh // nkv  # type: ignore[operator]
+    if (1 - s) * nh < 0.5:
+        raise SlmError(f"--sparsity {s} would remove all {nh} attention heads; give a smaller share")
+    keep_q, keep_kv = _head_shape(nh, nkv, s)  # type: ignore[arg-type]
+    record = {"structure": "heads", "n_head": [nh, keep_q], "n_kv_head": [nkv, keep_kv],
+              "removed_share": 1 - keep_q / nh}
+    if keep_q == nh:
+        return _rebuild(model, {}, checkpoint._state_dict(model)), record
+    scores = _head_scores(model, calib)
+    sd = checkpoint._state_dict(model)
+    kept_heads = {}
+    for name, attn in model.named_modules():
+        if id(attn) not in scores:
+            continue
+        per_group = scores[id(attn)].view(nkv, g)  # type: ignore[arg-type]
+        if keep_kv < nkv:  # whole groups: a KV head with its query heads
+            groups = per_group.sum(1).topk(keep_kv).indices.sort().values
+            q = [int(k) * g + j for k in groups for j in range(g)]
+        else:  # every group keeps its own best query heads
+            groups = torch.arange(nkv)
+            q = [int(k) * g + int(j) for k in groups for j in per_group[k].topk(keep_q // nkv).indices.sort().values]
+        kept_heads[name] = q
+        rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q]
+                         + [torch.arange((nh + k) * hd, (nh + k + 1) * hd) for k in groups.tolist()]
+                         + [torch.arange((nh + nkv + k) * hd, (nh + nkv + k + 1) * hd) for k in groups.tolist()])
+        for key in ("qkv.weight", "qkv.bias"):
+            if f"{name}.{key}" in sd:
+                sd[f"{name}.{key}"] = sd[f"{name}.{key}"].index_select(0, rows)
+        cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in q])
+        sd[f"{name}.proj.weight"] = sd[f"{name}.proj.weight"].index_select(1, cols)
+    pruned = _rebuild(model, {"n_head": keep_q, "n_kv_head": keep_kv, "head_size": hd}, sd)
+    return pruned, {**record, "kept_heads": kept_heads}
 
 
 # --- the stage: a run in, a pruned run out -------------------------------------------------------------------------

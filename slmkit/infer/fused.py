@@ -142,12 +142,12 @@ class _Step:
         C, nh, nkv, hd, H = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden
         E, k = cfg.moe_experts, cfg.moe_top_k if cfg.moe_experts else 0
         # kernels.c Model: per-row sizes; MoE buffers stay one element for dense models
-        sizes = {"x": C, "xb": C, "qkv": (nh + 2 * nkv) * hd, "att": C, "hb": 2 * H, "ha": H,
+        sizes = {"x": C, "xb": C, "qkv": (nh + 2 * nkv) * hd, "att": nh * hd, "hb": 2 * H, "ha": H,
                  "scores": nh * cache.max_len, "ew": E, "eg": k, "xe": k * C, "eo": k * C, "lr": cfg.lowrank}
         scratch = {name: torch.zeros(max(1, rows * n)) for name, n in sizes.items()}
         scratch |= {name: torch.zeros(max(1, rows * k), dtype=torch.int32) for name in ("esel", "epair", "eplace")}
         scratch["estart"] = torch.zeros(E + 1, dtype=torch.int32)
-        acts = kernels._Scratch(rows, max(C, H))
+        acts = kernels._Scratch(rows, max(C, H, nh * hd))
         keep += [model, layers, scratch, acts]
         pos_table = model.pos_emb.weight if model.pos_emb is not None else getattr(model, "pos_table", None)
         rotary = model.blocks[0].attn.rotary

@@ -78,11 +78,13 @@ def _config(meta: dict[str, Any], path: Path, has_output: bool) -> ModelConfig:
         raise SlmError(f"{path}: architecture {arch!r} is not supported; slmkit imports Llama-architecture GGUF files")
     a = f"{arch}."
     n_embd, n_head = int(_need(meta, a + "embedding_length", path)), int(_need(meta, a + "attention.head_count", path))
-    head_dim = n_embd // n_head
-    for key in (a + "rope.dimension_count", a + "attention.key_length", a + "attention.value_length"):
+    # a separate head size (key_length, e.g. a model whose heads were pruned), else embedding_length / head_count
+    head_dim = int(meta.get(a + "attention.key_length", n_embd // n_head))
+    for key in (a + "rope.dimension_count", a + "attention.value_length"):
         if key in meta and int(meta[key]) != head_dim:
-            raise SlmError(f"{path}: {key}={meta[key]} differs from embedding_length/head_count={head_dim}; "
-                           "partial RoPE or a separate head size is not supported")
+            raise SlmError(f"{path}: {key}={meta[key]} differs from the head size {head_dim}; "
+                           "partial RoPE or different key and value sizes are not supported")
+    head_size = None if n_embd % n_head == 0 and head_dim == n_embd // n_head else head_dim
     scaling = meta.get(a + "rope.scaling.type", "none")
     if scaling not in ("none", "linear") or (scaling == "linear" and meta.get(a + "rope.scaling.factor", 1.0) != 1.0):
         raise SlmError(f"{path}: RoPE scaling {scaling!r} is not supported (only plain RoPE)")
@@ -90,7 +92,8 @@ def _config(meta: dict[str, Any], path: Path, has_output: bool) -> ModelConfig:
     return ModelConfig(
         vocab_size=n_vocab, block_size=int(_need(meta, a + "context_length", path)),
         n_layer=int(_need(meta, a + "block_count", path)), n_head=n_head,
-        n_kv_head=int(meta.get(a + "attention.head_count_kv", n_head)), n_embd=n_embd, mlp="swiglu",
+        n_kv_head=int(meta.get(a + "attention.head_count_kv", n_head)), n_embd=n_embd, head_size=head_size,
+        mlp="swiglu",
         mlp_hidden=int(_need(meta, a + "feed_forward_length", path)), norm="rmsnorm",
         norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)), pos="rope",
         rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)), tie_embeddings=not has_output, bias=False,

@@ -494,6 +494,9 @@ def _write_hparams(w: gguf.GGUFWriter, cfg: ModelConfig, arch: _Arch) -> None:
     if cfg.pos == "rope":
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_size is not None:  # heads were pruned: llama.cpp reads the head size from these, not n_embd / n_head
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
 
 
 @torch.no_grad()

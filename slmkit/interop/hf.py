@@ -34,12 +34,14 @@ def llama_config_from_hf(hc: dict[str, Any], origin: str) -> ModelConfig:
         if hc.get(key) not in allowed:
             raise SlmError(f"{origin}: {key}={hc.get(key)!r} is not supported (needs {allowed[0]!r})")
     n_embd, n_head = hc["hidden_size"], hc["num_attention_heads"]
-    if hc.get("head_dim") not in (None, n_embd // n_head):
-        raise SlmError(f"{origin}: head_dim={hc['head_dim']} != hidden_size/num_attention_heads is not supported")
+    head_size = hc.get("head_dim")  # a separate head size (e.g. a model whose heads were pruned), else derived
+    if head_size == n_embd // n_head and n_embd % n_head == 0:
+        head_size = None
     return ModelConfig(
         vocab_size=hc["vocab_size"], block_size=hc.get("max_position_embeddings", 2048),
         n_layer=hc["num_hidden_layers"],
-        n_head=n_head, n_kv_head=hc.get("num_key_value_heads") or n_head, n_embd=n_embd, mlp="swiglu",
+        n_head=n_head, n_kv_head=hc.get("num_key_value_heads") or n_head, n_embd=n_embd, head_size=head_size,
+        mlp="swiglu",
         mlp_hidden=hc["intermediate_size"], norm="rmsnorm", norm_eps=float(hc.get("rms_norm_eps", 1e-6)), pos="rope",
         rope_theta=float(rope.get("rope_theta", hc.get("rope_theta", 10000.0))),
         tie_embeddings=bool(hc.get("tie_word_embeddings", False)), bias=False, dropout=0.0,

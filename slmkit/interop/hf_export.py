@@ -104,6 +104,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
         refuse(f"sliding-window attention in a model with {described}")
     if cfg.bias and arch in _NO_BIAS:
         refuse(f"a model with {described}, biases{' and sliding-window attention' * (arch != full)}")
+    if cfg.head_size is not None and arch == "GPT2LMHeadModel":
+        refuse(f"GPT-2 with {cfg.n_head} heads of {cfg.head_size} (GPT-2 derives the head size as n_embd / n_head; "
+               f"heads were pruned)")
     return arch
 
 

@@ -92,7 +92,7 @@ def _attention(attn: nn.Module, x: Tensor, past_k: Tensor, past_v: Tensor, P: An
     The scores are written out rather than left to SDPA: the mask is the attention kind's own visibility rule
     (causal for full attention, the window or block pattern for the others) over absolute positions, which is the
     dense path slmkit itself takes for tokens appended to a cache, and it exports to plain MatMul/Softmax ops."""
-    B, T, C = x.shape
+    B, T, _ = x.shape
     q, k, v = project_qkv(attn, x, P)  # q (B, nh, T, hd), k/v (B, nkv, T, hd) with RoPE at positions P..
     k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nkv, S, hd)
     visible = kpos[None, :] <= qpos[:, None] if isinstance(attn, Attention) else attn.visible(qpos, kpos)  # (T, S)
@@ -102,7 +102,7 @@ def _attention(attn: nn.Module, x: Tensor, past_k: Tensor, past_v: Tensor, P: An
     scores = (qg @ k[:, :, None].transpose(-1, -2)) * hd**-0.5  # (B, nkv, g, T, S)
     scores = scores.masked_fill(~visible, float("-inf"))
     y = torch.softmax(scores, dim=-1) @ v[:, :, None]  # (B, nkv, g, T, hd)
-    y = y.reshape(B, -1, T, hd).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+    y = y.reshape(B, -1, T, hd).transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
     return attn.proj(y), k, v
 
 

@@ -109,7 +109,7 @@ class _MaskedAttention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.qkv = make_linear(cfg, cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd)
-        self.proj = make_linear(cfg, cfg.n_embd, cfg.n_embd)
+        self.proj = make_linear(cfg, cfg.attn_dim, cfg.n_embd)
         self.rotary = rotary
 
     def visible(self, qpos: Tensor, kpos: Tensor) -> Tensor:
@@ -121,7 +121,7 @@ class _MaskedAttention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, cache: Any, layer: int) -> Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         pos = cache.pos if cache is not None else 0
         q, k, v = project_qkv(self, x, pos)
         if pos == 0:
@@ -133,7 +133,7 @@ class _MaskedAttention(nn.Module):
             S = pos + T
             mask = self.visible(torch.arange(pos, S, device=x.device), torch.arange(S, device=x.device))  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
         return self.proj(y)
 
 
@@ -261,7 +261,7 @@ class LinearAttention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd, self.m = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.linear_features
         self.qkv = make_linear(cfg, cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd)
-        self.proj = make_linear(cfg, cfg.n_embd, cfg.n_embd)
+        self.proj = make_linear(cfg, cfg.attn_dim, cfg.n_embd)
         self.rotary = rotary
         self.redraw = cfg.linear_redraw
         seed = 1_000_003 * (layer + 1)
@@ -285,7 +285,7 @@ class LinearAttention(nn.Module):
         return torch.exp(u - stabiliser)
 
     def forward(self, x: Tensor, cache: Any, layer: int) -> Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         if self.redraw and self.training:
             self._maybe_redraw()
         pos = cache.pos if cache is not None else 0
@@ -298,7 +298,7 @@ class LinearAttention(nn.Module):
         if cache is not None:  # in place: the cache's buffers are what a fused decode step reads (KVCache)
             for buf, s in zip(cache.state[layer], state, strict=True):
                 buf[:B].copy_(s)
-        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
         return self.proj(y)
 
     def _causal(self, qf: Tensor, kf: Tensor, v: Tensor, state: tuple[Tensor, Tensor] | None):
@@ -350,8 +350,8 @@ class LSHAttention(nn.Module):
         super().__init__()
         self.nh, self.hd = cfg.n_head, cfg.head_dim
         self.L, self.R, self.n_buckets = cfg.attn_window, cfg.lsh_hashes, cfg.lsh_buckets
-        self.qv = make_linear(cfg, cfg.n_embd, 2 * cfg.n_embd)
-        self.proj = make_linear(cfg, cfg.n_embd, cfg.n_embd)
+        self.qv = make_linear(cfg, cfg.n_embd, 2 * cfg.attn_dim)
+        self.proj = make_linear(cfg, cfg.attn_dim, cfg.n_embd)
         self.rotary = rotary
         g = torch.Generator().manual_seed(7_000_003 * (layer + 1))
         self.register_buffer("rotations", torch.randn(self.R, self.hd, self.n_buckets // 2, generator=g))
@@ -364,8 +364,8 @@ class LSHAttention(nn.Module):
         return torch.cat([r, -r], dim=-1).argmax(-1)
 
     def forward(self, x: Tensor, cache: Any, layer: int) -> Tensor:
-        B, T, C = x.shape
-        q, v = self.qv(x).split(C, dim=-1)
+        B, T, _ = x.shape
+        q, v = self.qv(x).chunk(2, dim=-1)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.nh, self.hd).transpose(1, 2)
         pos = cache.pos if cache is not None else 0
@@ -379,7 +379,7 @@ class LSHAttention(nn.Module):
         else:
             k, v = store_kv(cache, layer, k, v)
             y = self._dense(q, k, v, pos)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.proj(y)
 
     def _combine(self, o: Tensor, lse: Tensor) -> Tensor:

@@ -183,12 +183,12 @@ class Attention(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # q, k and v in one matmul: one large GEMM beats three small ones on CPU
         self.qkv = make_linear(cfg, cfg.n_embd, (self.nh + 2 * self.nkv) * self.hd)
-        self.proj = make_linear(cfg, cfg.n_embd, cfg.n_embd)
+        self.proj = make_linear(cfg, cfg.attn_dim, cfg.n_embd)
         self.rotary = rotary
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         pos = cache.pos if cache is not None else 0
         q, k, v = project_qkv(self, x, pos)
         if cache is not None:
@@ -200,7 +200,7 @@ class Attention(nn.Module):
             # a chunk after a prefix: row i sees the prefix and chunk tokens <= i (one decoded token sees all)
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos) if T > 1 else None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh·hd)
         return self.proj(y)
 
 

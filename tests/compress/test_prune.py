@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from slmkit import LLM, checkpoint
 from slmkit.cli import main
 from slmkit.compress import sparse
-from slmkit.compress.prune import Method, _prune, prunable, prune_model, prune_run
+from slmkit.compress.prune import Method, _head_shape, _prune, prunable, prune_model, prune_run
 from slmkit.config import ModelConfig, TrainConfig
 from slmkit.errors import SlmError
 from slmkit.model import GPT
@@ -122,7 +122,7 @@ def test_mixture_of_experts_stacks_are_pruned_per_expert_and_the_router_is_not()
 
 
 @pytest.mark.parametrize("cfg", [TINY, GELU], ids=["swiglu-gqa", "gelu-bias"])
-@pytest.mark.parametrize("method", ["channels", "layers"])
+@pytest.mark.parametrize("method", ["channels", "layers", "heads"])
 def test_pruning_nothing_gives_the_same_model(cfg, method):
     model = tiny(cfg)
     pruned = prune_model(tiny(cfg), method, 0.0, calib=calib())
@@ -151,6 +151,54 @@ def test_channel_pruning_equals_silencing_those_channels(cfg):
     torch.testing.assert_close(logits(pruned), logits(model), atol=1e-5, rtol=1e-5)
     C, L = cfg.n_embd, cfg.n_layer
     assert model.num_params() - pruned.num_params() == L * (H // 2) * (3 * C if cfg.mlp == "swiglu" else 2 * C + 1)
+
+
+# 6 query heads in 3 groups of 2 (head size 8): removing 2/3 of them drops two whole groups
+GQA3 = TINY.replace(n_embd=48, n_head=6, n_kv_head=3)
+
+
+@pytest.mark.parametrize(("cfg", "s", "shape"), [(TINY, 0.5, (2, 2)), (GELU, 0.5, (2, 2)), (GELU, 0.25, (3, 3)),
+                                                 (GQA3, 0.67, (2, 1))], ids=["in-groups", "mha", "mha-3", "groups"])
+def test_head_pruning_equals_silencing_those_heads(cfg, s, shape):
+    """The smaller model computes what the parent computes with the removed heads' columns of the output projection
+    zeroed (a head adds W_o[:, h] y_h to the stream; a dropped KV group's key/value head then feeds nothing)."""
+    model = tiny(cfg)
+    pruned, record = _prune(tiny(cfg), Method.parse("heads"), s, calib(), "wanda")
+    c, hd = pruned.config, cfg.head_dim
+    assert (c.n_head, c.n_kv_head) == shape and c.head_size == hd and c.attn_dim == shape[0] * hd
+    assert record["n_head"] == [cfg.n_head, shape[0]] and record["n_kv_head"] == [cfg.n_kv_head, shape[1]]
+    g_old, g_new = cfg.n_head // cfg.n_kv_head, shape[0] // shape[1]
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            kept = record["kept_heads"][f"blocks.{i}.attn"]
+            assert len(kept) == shape[0] and len({h // g_old for h in kept}) == shape[1]
+            assert all(kept[j] // g_old == kept[j - j % g_new] // g_old for j in range(len(kept)))  # groups stay whole
+            for h in sorted(set(range(cfg.n_head)) - set(kept)):
+                block.attn.proj.weight[:, h * hd : (h + 1) * hd] = 0
+    torch.testing.assert_close(logits(pruned), logits(model), atol=1e-5, rtol=1e-5)
+    C, L, nh, nkv = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_kv_head
+    qkv_rows = (nh - shape[0] + 2 * (nkv - shape[1])) * hd
+    removed = L * (qkv_rows * (C + cfg.bias) + C * (nh - shape[0]) * hd)
+    assert model.num_params() - pruned.num_params() == removed
+
+
+def test_head_pruning_keeps_the_heads_that_add_most():
+    model = tiny(GELU)
+    with torch.no_grad():  # heads 1 and 3 write nothing to the stream in every layer
+        for block in model.blocks:
+            block.attn.proj.weight[:, 16:32] = 0
+            block.attn.proj.weight[:, 48:64] = 0
+    _, record = _prune(model, Method.parse("heads"), 0.5, calib(), "wanda")
+    assert all(kept == [0, 2] for kept in record["kept_heads"].values())
+
+
+def test_head_counts_round_to_whole_groups_or_equal_groups():
+    assert _head_shape(4, 1, 0.25) == (3, 1)  # one KV head: any count
+    assert _head_shape(6, 2, 0.3) == (4, 2)  # 2 of 3 in each group (4.2 wanted)
+    assert _head_shape(6, 2, 0.5) == (3, 1)  # one whole group
+    assert _head_shape(8, 4, 0.25) == (6, 3)  # whole groups (6 of 8), not 4 per group
+    assert _head_shape(4, 2, 0.25) == (4, 2)  # 3 wanted: 2 and 4 are as near; the one that removes less
+    assert _head_shape(9, 3, 0.9) == (3, 3)  # 3 heads either way: one query head per group keeps every KV head
 
 
 def test_layer_pruning_drops_the_block_that_changes_the_stream_least():
@@ -222,8 +270,8 @@ def test_a_tampered_sparse_checkpoint_is_refused(trained, tmp_path):
 
 def test_structured_runs_are_smaller_dense_checkpoints_every_stage_reads(trained, tmp_path):
     parent = checkpoint.load(trained).model
-    for method, field, value in (("channels", "mlp_hidden", 96), ("layers", "n_layer", 2)):
-        out = prune_run(trained, tmp_path / method, method=method, sparsity=0.5 if method == "channels" else 0.34,
+    for method, field, value in (("channels", "mlp_hidden", 96), ("layers", "n_layer", 2), ("heads", "n_head", 2)):
+        out = prune_run(trained, tmp_path / method, method=method, sparsity=0.34 if method == "layers" else 0.5,
                         calib_samples=4)
         model = checkpoint.load(out).model  # the ordinary loader: nothing sparse in it
         assert getattr(model.config, field) == value
@@ -236,6 +284,8 @@ def test_structured_runs_are_smaller_dense_checkpoints_every_stage_reads(trained
     from slmkit.compress.stage import quantize_run
 
     quantize_run(tmp_path / "channels", tmp_path / "q", weights="int4")  # 96 channels: still int4 group 32
+    quantize_run(tmp_path / "heads", tmp_path / "qh", weights="int8")  # a narrower attention quantizes and decodes
+    assert len(LLM.load(tmp_path / "qh").generate("the", max_new_tokens=4, temperature=0)) > 0
 
 
 def test_healing_trains_and_keeps_the_mask(trained, tmp_path):
@@ -262,7 +312,7 @@ def test_bad_requests_are_one_line_and_write_nothing(trained, tmp_path):
         (dict(method="nm:4:2"), "0 < N < M"),
         (dict(method="nm:2:5"), "M=5 does not divide the input width 64"),
         (dict(method="sparsest", sparsity=0.5), "not one of magnitude, wanda"),
-        (dict(method="heads", sparsity=0.25), "heads is not supported yet"),
+        (dict(method="heads", sparsity=0.9), "would remove all 4 attention heads"),
         (dict(method="magnitude", sparsity=0.5, calib="shakespeare:val"), "--calib is for calibrated methods"),
         (dict(method="channels", sparsity=0.999), "would remove all 192 FFN channels"),
         (dict(method="layers", sparsity=0.9), "would remove all 3 layers"),
@@ -278,6 +328,8 @@ def test_bad_requests_are_one_line_and_write_nothing(trained, tmp_path):
         prune_model(tiny(TINY.replace(share_blocks=1)), "layers", 0.5, calib=calib())
     with pytest.raises(SlmError, match="Mixture-of-Experts"):
         prune_model(tiny(TINY.replace(moe_experts=2, moe_top_k=1)), "channels", 0.5, calib=calib())
+    with pytest.raises(SlmError, match="LSH"):
+        prune_model(tiny(TINY.replace(attention="lsh", n_kv_head=4, attn_window=8)), "heads", 0.5, calib=calib())
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(SlmError, match="pass --overwrite"):
@@ -299,5 +351,8 @@ def test_cli_prune_then_generate_and_eval(trained, tmp_path, capsys):
                  "--heal", "1s", "--out", str(tmp_path / "c"), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "FFN channels 192 → 96" in text and "healed" in text
+    assert main(["prune", str(trained), "--method", "heads", "--sparsity", "0.5", "--calib-samples", "4",
+                 "--out", str(tmp_path / "h"), "--quiet"]) == 0
+    assert "attention heads 4 → 2" in capsys.readouterr().out
     assert main(["prune", str(trained), "--method", "wanda", "--sparsity", "2", "--out", str(tmp_path / "bad")]) == 2
     assert "must be in [0, 1)" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 linear (Performer FAVOR+: a recurrent state in the cache instead of keys/values), LSH (Reformer) — and on low-rank
 projections: each against the PyTorch forward over several decode steps, through FusedDecoder on each instruction
 path, and through BatchDecoder, whose rows must equal FusedDecoder's exactly (test_batch_decode.py's plan: slots at
-different positions joining, leaving and reusing a slot) and may include prompt chunks of several positions."""
+different positions joining, leaving and reusing a slot) and may include prompt chunks of several positions. Also
+models whose heads were pruned (attention narrower than n_embd)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ KINDS = {
                            lowrank=16),
     "lowrank-lsh": dict(pos="rope", norm="rmsnorm", mlp="swiglu", attention="lsh", attn_window=3, lsh_buckets=4,
                         lsh_hashes=2, lowrank=16),
+    # heads pruned: the attention (n_head · head_size) narrower than n_embd, so its rows have their own stride
+    "pruned-heads": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_head=3, n_kv_head=3, head_size=32),
+    "pruned-heads-gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, n_head=2, head_size=32),
+    "pruned-heads-linear": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_head=2, n_kv_head=1, head_size=32,
+                                attention="linear", linear_features=16),
 }
 
 

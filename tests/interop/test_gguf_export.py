@@ -55,8 +55,8 @@ def tok() -> Tokenizer:
 def tiny(vocab: int, style: str = "llama", *, tied: bool = True, std: float = 0.2, n_embd: int = 64,
          n_layer: int = 2, seed: int = 0, **fields) -> GPT:
     """A small model with non-degenerate random weights (std 0.2 matrices, norms around 1, small biases)."""
-    cfg = ModelConfig(vocab_size=vocab, block_size=128, n_layer=n_layer, n_head=4, n_embd=n_embd, tie_embeddings=tied,
-                      **{**STYLES[style], **fields})
+    cfg = ModelConfig(**{"vocab_size": vocab, "block_size": 128, "n_layer": n_layer, "n_head": 4, "n_embd": n_embd,
+                         "tie_embeddings": tied, **STYLES[style], **fields})
     torch.manual_seed(seed)
     model = GPT(cfg).eval()
     with torch.no_grad():
@@ -85,9 +85,9 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 # round trip through slmkit's importer
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_f32_round_trip_through_the_importer_is_exact(tmp_path, tok, tied):
-    model = tiny(tok.vocab_size, tied=tied)
+@pytest.mark.parametrize(("tied", "heads"), [(True, {}), (False, {}), (True, dict(n_head=2, head_size=16))])
+def test_f32_round_trip_through_the_importer_is_exact(tmp_path, tok, tied, heads):
+    model = tiny(tok.vocab_size, tied=tied, **heads)
     summary = write_gguf(model, tok, tmp_path / "m.gguf", name="tiny", extra={"slmkit.meta": '{"step": 5}'})
     assert summary["arch"] == "llama" and summary["tensor_types"] == {"F32": 9 * 2 + 2 + (not tied)}
     assert summary["bits_per_weight"] == 32.0 and "gap" not in summary
@@ -95,6 +95,7 @@ def test_f32_round_trip_through_the_importer_is_exact(tmp_path, tok, tied):
     assert fields["general.name"].contents() == "tiny" and fields["slmkit.meta"].contents() == '{"step": 5}'
     ck = load(import_gguf(tmp_path / "m.gguf", tmp_path / "run"))
     assert ck.model.config.tie_embeddings == tied and ck.model.config.n_kv_head == 2
+    assert ck.model.config.head_size == heads.get("head_size")  # key_length read back (None: derived, as before)
     ids = tok.encode("the king is dead, long live the king", bos=True)
     torch.testing.assert_close(logits(ck.model, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
     assert ck.tokenizer.encode("o romeo, wherefore art thou?") == tok.encode("o romeo, wherefore art thou?")
@@ -336,9 +337,12 @@ def test_llama_cpp_tokenizes_like_slmkit(tmp_path, spec):
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize(("style", "bias"), [("llama", False), ("llama", True), ("gpt2", True), ("starcoder2", False)])
-def test_llama_cpp_f32_gives_slmkits_greedy_tokens(tmp_path, tok, style, bias):
-    model = tiny(tok.vocab_size, style, tied=style != "gpt2", bias=bias)  # llama.cpp's llama reads optional biases
+@pytest.mark.parametrize(("style", "bias", "heads"), [("llama", False, {}), ("llama", True, {}), ("gpt2", True, {}),
+                                                    ("starcoder2", False, {}),
+                                                    ("llama", False, dict(n_head=2, head_size=16))])
+def test_llama_cpp_f32_gives_slmkits_greedy_tokens(tmp_path, tok, style, bias, heads):
+    # llama.cpp's llama reads optional biases; pruned heads: it sizes the attention by key_length/value_length
+    model = tiny(tok.vocab_size, style, tied=style != "gpt2", bias=bias, **heads)
     summary = write_gguf(model, tok, tmp_path / "m.gguf")
     assert summary["arch"] == style and ("gap" in summary) == (style != "llama")
     llm = llama(tmp_path / "m.gguf", logits_all=True)

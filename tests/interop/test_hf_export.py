@@ -80,6 +80,9 @@ CASES = {  # name: (config fields, the transformers class)
     "no-positions": ({**GPT2, "pos": "none", "bias": False}, "GPT2LMHeadModel"),
     "shared-ffn": ({**ROPE_GPT, "share_mlp": True}, "Starcoder2ForCausalLM"),
     "shared-blocks": ({**LLAMA, "n_layer": 3, "share_blocks": 2}, "LlamaForCausalLM"),
+    # heads pruned: config.json's head_dim is what transformers sizes the attention by
+    "llama-pruned-heads": ({**LLAMA, "n_head": 2, "n_kv_head": 1, "head_size": 16}, "LlamaForCausalLM"),
+    "gpt-rope-pruned-heads": ({**ROPE_GPT, "n_head": 3, "head_size": 16}, "Starcoder2ForCausalLM"),
 }
 
 
@@ -134,12 +137,13 @@ def test_chat_template_and_a_tokenizer_without_bos(tmp_path, tok):
     assert ht.pad_token == "<|eos|>"  # no pad named: slmkit pads with eos
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_round_trip_through_import_hf(tmp_path, tok, tied):
-    model = tiny(tok, **LLAMA, tie_embeddings=tied)
+@pytest.mark.parametrize(("tied", "heads"), [(True, {}), (False, {}), (True, dict(n_head=2, head_size=16))])
+def test_round_trip_through_import_hf(tmp_path, tok, tied, heads):
+    model = tiny(tok, **{**LLAMA, **heads}, tie_embeddings=tied)
     export(model, tok, tmp_path / "hf")
     ck = load(import_hf(tmp_path / "hf", tmp_path / "run"))
     assert ck.model.config.n_kv_head == 2 and ck.model.config.tie_embeddings == tied
+    assert ck.model.config.head_size == heads.get("head_size")  # None: derived, as before
     x = torch.randint(0, tok.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ck.model(x)[0], model(x)[0], atol=1e-5, rtol=1e-5)
@@ -174,6 +178,7 @@ REFUSED = {  # name: (config fields, what the message names)
     "learned-rmsnorm": (dict(GPT2, norm="rmsnorm"), "learned positions, rmsnorm and a gelu MLP"),
     "learned-local": (dict(GPT2, attention="local", attn_window=8), "sliding-window attention"),
     "local-with-bias": (dict(LLAMA, attention="local", attn_window=8, bias=True), "biases and sliding-window"),
+    "gpt2-pruned-heads": (dict(GPT2, n_head=3, head_size=16), "GPT-2 with 3 heads of 16"),
 }
 
 

@@ -133,7 +133,9 @@ def test_io_description(exported, tok):
     dict(GPT2, moe_experts=4, moe_top_k=1, moe_capacity_factor=1.0),
     dict(LLAMA, attention="local", attn_window=6),
     dict(LLAMA, attention="blocksparse", attn_block=4, attn_global=2, attn_summary=1),
-], ids=["shared-mlp", "shared-blocks", "sinusoidal-untied", "lowrank", "moe", "moe-capacity", "local", "blocksparse"])
+    dict(LLAMA, n_head=2, n_kv_head=1, head_size=8),  # heads pruned: the attention narrower than n_embd
+], ids=["shared-mlp", "shared-blocks", "sinusoidal-untied", "lowrank", "moe", "moe-capacity", "local", "blocksparse",
+        "pruned-heads"])
 def test_other_configurations_match(tok, tmp_path, fields):
     model = tiny(tok, **fields)
     lm = export(model, tok, tmp_path / "onnx")

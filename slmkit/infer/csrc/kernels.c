@@ -1114,7 +1114,7 @@ typedef struct {
   Mat head;
   const Layer* layers;
   /* scratch for as many sequences per step as the cache holds (fused.py sizes it), per sequence: */
-  float *x, *xb, *qkv, *att, *hb, *ha; /* C, C, (nh + 2 nkv) hd, C, fc's outputs (2H SwiGLU, else H), H */
+  float *x, *xb, *qkv, *att, *hb, *ha; /* C, C, (nh + 2 nkv) hd, nh hd, fc's outputs (2H SwiGLU, else H), H */
   float* scores;                       /* nh * max_len */
   Acts acts;                           /* max(C, H) */
   /* MoE scratch, per sequence: router probabilities (E), gates (k), chosen experts (k); per (sequence, choice),
@@ -1357,7 +1357,7 @@ static void lin_attend(Model* m, const Layer* L, int slot, int h, const int* row
     for (int d = 0; d < hd; d++) acc[d] = 0.f;
     for (int j = 0; j < M; j++)
       for (int d = 0; d < hd; d++) acc[d] += qf[j] * S[(size_t)j * hd + d];
-    float* out = m->att + (size_t)i * m->C + (size_t)h * hd;
+    float* out = m->att + ((size_t)i * m->nh + h) * hd;
     const float inv = den > 1e-30f ? den : 1e-30f;
     for (int d = 0; d < hd; d++) out[d] = (a * v[d] + acc[d]) / inv;
     for (int j = 0; j < M; j++) {
@@ -1584,10 +1584,10 @@ void slm_decode_batch(Model* m, int n, const int* tokens, const int* pos, const 
           const int nr = slot_rows(n, pos, slots, i, rows);
           if (nr > 0) lin_attend(m, L, slots[i], h, rows, nr, pos, QKV);
         } else if (m->attn == ATT_LSH) { /* RoPE was applied with the keys */
-          lsh_attend(m, L, q, slots[i], h, pos[i], m->att + (size_t)i * C + h * hd);
+          lsh_attend(m, L, q, slots[i], h, pos[i], m->att + (size_t)i * nh * hd + h * hd);
         } else {
           if (m->pos_kind == POS_ROPE) rope(m, q, pos[i]);
-          attend(m, L, q, slots[i], h, pos[i], sc, m->att + (size_t)i * C + h * hd);
+          attend(m, L, q, slots[i], h, pos[i], sc, m->att + (size_t)i * nh * hd + h * hd);
         }
       }
       project(m, &L->proj_a, &L->proj, m->att, n, m->xb);
