@@ -338,8 +338,9 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), PaLM App. B: 6 × the matmul weights a token passes through
-        (each layer's use of a shared module counts; an MoE layer counts its router and k experts) + 12·L·C·S for
-        attention scores, S = keys per query: T for full attention, the kind's own (approximate) figure otherwise."""
+        (each layer's use of a shared module counts; an MoE layer counts its router and k experts) + 12·L·A·S for
+        attention scores, A = n_head·head_dim (n_embd unless heads were pruned), S = keys per query: T for full
+        attention, the kind's own (approximate) figure otherwise."""
         cfg = self.config
         T = seq_len or cfg.block_size
 
@@ -353,7 +354,7 @@ class GPT(nn.Module):
             block = self.blocks[i % len(self.blocks)]
             matmul += linear_weights(block.attn) + linear_weights(block.mlp)
             span += block.attn.keys_per_query(T) if hasattr(block.attn, "keys_per_query") else T
-        return int(6 * matmul + 12 * cfg.n_embd * span)
+        return int(6 * matmul + 12 * cfg.attn_dim * span)
 
     def moe_stats(self) -> dict | None:
         """Routing of the last forward pass, per MoE layer application (None for dense models): `expert_util` = the
