@@ -157,22 +157,27 @@ def trained(tiny_data) -> tuple[GPT, Tensor, tuple[Tensor, Tensor]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("group", [32, 64])
 def test_gptq_loses_less_than_rtn_on_a_trained_model(trained, group, monkeypatch):
-    """Held-out loss increase over fp32 (4096 val tokens), measured: g32 RTN +0.0077, GPTQ +0.0005, AWQ +0.0128;
-    g64 RTN +0.0154, GPTQ -0.0011, AWQ +0.0172. AWQ is no better than RTN here: this model's activations have no
+    """KL(fp32 ‖ quantized) of the next-token distributions over 4096 held-out tokens, measured (1 thread; four seeds
+    of the fixture's training gave the same picture): g32 RTN 0.0046, GPTQ 0.0007, AWQ 0.0051; g64 RTN 0.0060, GPTQ
+    0.0008, AWQ 0.0057. The KL, not the held-out loss: at int4 on this model the loss moves by ±0.005, which is
+    within what the training trajectory (thread count, rounding in the loss) changes, and can even drop; the KL is
+    what quantization costs and is always positive. AWQ is no better than RTN here: this model's activations have no
     outlier channels (mean |x| spans one decade), which is what AWQ's scaling exploits; per layer it still lowers the
     calibrated output error (0.93-1.0x, the head 0.71x)."""
     monkeypatch.setattr(kernels, "_lib", False)  # the numbers are about the weights; the kernels have their own tests
     model, calib, held_out = trained
+    ref = model(held_out[0])[0].double().log_softmax(-1)
 
     def damage(method: str) -> float:
         q = quantize(copy.deepcopy(model), "int4", group=group, method=method, calib=None if method == "rtn" else calib)
-        return q(*held_out)[1].item() - model(*held_out)[1].item()
+        logq = q(held_out[0])[0].double().log_softmax(-1)
+        return float((ref.exp() * (ref - logq)).sum(-1).mean())
 
     with torch.no_grad():
         rtn, gptq_, awq_ = damage("rtn"), damage("gptq"), damage("awq")
-    assert rtn > 0.005  # rounding visibly hurts this model, so the comparison means something
+    assert rtn > 1e-3  # rounding visibly changes this model's predictions, so the comparison means something
     assert gptq_ < 0.5 * rtn, (gptq_, rtn)
-    assert awq_ < rtn + 0.01, (awq_, rtn)  # not a claim that AWQ helps here (see above); a broken fold costs far more
+    assert awq_ < 2 * rtn, (awq_, rtn)  # not a claim that AWQ helps here (see above); a broken fold costs far more
 
 
 @pytest.mark.slow
