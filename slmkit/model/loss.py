@@ -34,13 +34,13 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, y: Tensor, ignore_index: int, mean: bool) -> Tensor:  # z (N, V), y (N,)
         N, V = z.shape
         C = _rows_per_chunk(V)
-        lse = torch.empty(N, dtype=torch.float32)
+        lse = torch.empty(N, dtype=torch.float32, device=z.device)
         for s in range(0, N, C):
             lse[s : s + C] = torch.logsumexp(z[s : s + C].float(), dim=-1)
         keep = y != ignore_index
         y_safe = torch.where(keep, y, 0)
         picked = z.gather(-1, y_safe.unsqueeze(-1)).squeeze(-1).float()
-        n = keep.sum() if mean else torch.ones((), dtype=torch.long)
+        n = keep.sum() if mean else torch.ones((), dtype=torch.long, device=z.device)
         ctx.save_for_backward(z, lse, y_safe, keep, n)
         return ((lse - picked) * keep).sum() / n
 
