@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 import time
 from collections.abc import Iterator
@@ -304,27 +305,44 @@ def _unstructured(model: GPT, m: Method, s: float, calib: Tensor | None) -> tupl
 # --- structured ----------------------------------------------------------------------------------------------------
 
 
-def _walk_scores(model: GPT, calib: Tensor, channels: bool) -> dict[str, Tensor]:
-    """One calibration pass over the unpruned model: per MLP (by module name) Σ a_j² of its hidden activations (the
-    proj's inputs) if `channels`, and per layer the mean cosine similarity of the block's input and output (key
-    "cos", (n_layer,))."""
+def _walk_scores(model: GPT, calib: Tensor, channels: bool = False, heads: bool = False) -> dict[str, Tensor]:
+    """One calibration pass over the unpruned model: per layer the mean cosine similarity of the block's input and
+    output (key "cos", (n_layer,)); if `channels`, per MLP (by module name) Σ a_j² of its hidden activations (the
+    proj's inputs); if `heads`, per attention module (by name) (nh,) Σ over tokens of ‖W_o[:, h] y_h‖², what each
+    head adds to the residual stream (y_h: the head's output entering the output projection). A shared module sums
+    over every layer that uses it."""
     names = {id(mod): name for name, mod in model.named_modules()}
     sums: dict[str, Tensor] = {}
     cos = torch.zeros(model.config.n_layer, dtype=torch.float64)
+
+    def head_hook(_m: nn.Module, args: tuple[Tensor, ...], acc: Tensor, gram: Tensor) -> None:
+        y = args[0].float().reshape(-1, *gram.shape[:2])  # (N, nh, hd)
+        acc += torch.einsum("nhd,hde,nhe->h", y, gram, y).double()
+
     with torch.no_grad():
         for i, (layer, run_layer, xs) in enumerate(layer_inputs(model, calib)):
             if layer is model.norm_f:
                 continue
-            mlp = layer.mlp
+            mlp, attn = layer.mlp, layer.attn
             ctx = _input_sumsq([(mlp.proj, "weight")]) if channels else contextlib.nullcontext({})
+            handle = None
+            if heads:
+                w = attn.proj.weight.detach().float().view(-1, attn.nh, attn.hd)  # (C, nh, hd)
+                gram = torch.einsum("chd,che->hde", w, w)  # (nh, hd, hd): ‖W_h y‖² = yᵀ W_hᵀ W_h y, no (N, nh, C)
+                acc = sums.setdefault(names[id(attn)], torch.zeros(attn.nh, dtype=torch.float64))
+                handle = attn.proj.register_forward_pre_hook(functools.partial(head_hook, acc=acc, gram=gram))
             n = 0
-            with ctx as got:
-                for x in xs:
-                    y = run_layer(x)
-                    cos[i] += F.cosine_similarity(x.double(), y.double(), dim=-1).sum()
-                    n += x.shape[0] * x.shape[1]
+            try:
+                with ctx as got:
+                    for x in xs:
+                        y = run_layer(x)
+                        cos[i] += F.cosine_similarity(x.double(), y.double(), dim=-1).sum()
+                        n += x.shape[0] * x.shape[1]
+            finally:
+                if handle is not None:
+                    handle.remove()
             cos[i] /= n
-            if channels:  # a shared FFN sums its activations over every layer that uses it
+            if channels:
                 key = names[id(mlp)]
                 sums[key] = sums.get(key, 0) + got[(id(mlp.proj), "weight")]
     return {**sums, "cos": cos}
@@ -396,33 +414,6 @@ def _head_shape(nh: int, nkv: int, s: float) -> tuple[int, int]:
     return min(options, key=lambda o: (abs(o[0] - target), -o[0], -o[1]))
 
 
-def _head_scores(model: GPT, calib: Tensor) -> dict[int, Tensor]:
-    """Per attention module (by id): (nh,) Σ over calibration tokens of ‖W_o[:, h] y_h‖², what each head adds to the
-    residual stream (y_h: the head's output entering the output projection). A shared block sums over its uses."""
-    scores: dict[int, Tensor] = {}
-    with torch.no_grad():
-        for layer, run_layer, xs in layer_inputs(model, calib):
-            if layer is model.norm_f:
-                continue
-            attn = layer.attn
-            nh, hd = attn.nh, attn.hd
-            w = attn.proj.weight.detach().float().view(-1, nh, hd)  # (C, nh, hd)
-            gram = torch.einsum("chd,che->hde", w, w)  # (nh, hd, hd): ‖W_h y‖² = yᵀ W_hᵀ W_h y, no (N, nh, C)
-            acc = scores.setdefault(id(attn), torch.zeros(nh, dtype=torch.float64))
-
-            def hook(_m: nn.Module, args: tuple[Tensor, ...], acc: Tensor = acc, gram: Tensor = gram) -> None:
-                y = args[0].float().reshape(-1, *gram.shape[:2])  # (N, nh, hd)
-                acc += torch.einsum("nhd,hde,nhe->h", y, gram, y).double()
-
-            handle = attn.proj.register_forward_pre_hook(hook)
-            try:
-                for x in xs:
-                    run_layer(x)
-            finally:
-                handle.remove()
-    return scores
-
-
 def _heads(model: GPT, s: float, calib: Tensor) -> tuple[GPT, dict[str, Any]]:
     cfg = model.config
     if cfg.attention == "lsh" or cfg.lowrank:
@@ -438,13 +429,13 @@ def _heads(model: GPT, s: float, calib: Tensor) -> tuple[GPT, dict[str, Any]]:
               "removed_share": 1 - keep_q / nh}
     if keep_q == nh:
         return _rebuild(model, {}, checkpoint._state_dict(model)), record
-    scores = _head_scores(model, calib)
+    scores = _walk_scores(model, calib, heads=True)
     sd = checkpoint._state_dict(model)
     kept_heads = {}
-    for name, attn in model.named_modules():
-        if id(attn) not in scores:
+    for name, score in scores.items():
+        if name == "cos":
             continue
-        per_group = scores[id(attn)].view(nkv, g)  # type: ignore[arg-type]
+        per_group = score.view(nkv, g)  # type: ignore[arg-type]
         if keep_kv < nkv:  # whole groups: a KV head with its query heads
             groups = per_group.sum(1).topk(keep_kv).indices.sort().values
             q = [int(k) * g + j for k in groups for j in range(g)]
