@@ -47,6 +47,9 @@ case "$job" in
         echo "setup: could not install chromium; the web chat test will skip" >&2
     fi
     .venv/bin/ruff check slmkit tests bench
+    # keep compiled and assert-rewritten modules between runs (some images set PYTHONDONTWRITEBYTECODE, which makes
+    # every run re-compile slmkit and re-rewrite the tests: seconds of the quick lane's minute); __pycache__ is ignored
+    export PYTHONDONTWRITEBYTECODE=
     # two worker processes (pytest-xdist): the suite's tests are independent and each sets its own torch threads;
     # SLM_TEST_WORKERS=0 runs them in this process (a debugger, or -x stopping at the first failure in order)
     exec .venv/bin/python -m pytest -q -n "${SLM_TEST_WORKERS:-2}" "$@" ;;

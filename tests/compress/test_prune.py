@@ -339,6 +339,7 @@ def test_bad_requests_are_one_line_and_write_nothing(trained, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_cli_prune_then_generate_and_eval(trained, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["prune", str(trained), "--method", "nm:2:4", "--calib-samples", "4", "--out", str(out),

@@ -124,6 +124,7 @@ def test_cli_quantize_then_generate(trained, tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kl_to_the_parent_orders_the_bit_widths(trained, tmp_path):
     from slmkit.eval import evaluate
 

@@ -49,7 +49,7 @@ def test_window_starts_are_non_overlapping_slots_all_or_a_seeded_pick():
         window_starts(20, 32, None, 0)
 
 
-@pytest.mark.parametrize("hidden", [False, True])
+@pytest.mark.parametrize("hidden", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cache_holds_the_teachers_top_k_and_reopens_memory_mapped(teacher, tiny_data, tmp_path, hidden):
     spec, tokens, starts = spec_for(teacher, tiny_data, temperature=2.0, hidden=hidden)
     model = teacher_model(teacher)

@@ -170,6 +170,7 @@ def family(tiny_data, tmp_path_factory):
     return parent, pruned, low
 
 
+@pytest.mark.slow
 def test_kl_and_delta_bpb_to_the_parent_for_pruned_and_factorized_runs(family, tiny_data, tmp_path):
     parent, pruned, low = family
     sets = [f"{tiny_data.parent / 'corpus'}:val"]

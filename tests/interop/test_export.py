@@ -51,6 +51,7 @@ def _hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
         return hf(ids).logits[0]
 
 
+@pytest.mark.slow
 def test_cli_writes_an_hf_dir_with_lineage(ckpt, tmp_path, capsys):
     code, out, err = _cli(capsys, str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert (code, err) == (0, "") and "exported" in out and "LlamaForCausalLM" in out

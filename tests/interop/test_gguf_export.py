@@ -231,6 +231,7 @@ def test_quant_mix_is_llama_cpps():
     assert quant_type("attn_q", 0, 8, 48, "q4_0", True) == Q.F16
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 @pytest.mark.parametrize(("style", "quant", "tied", "n_layer"), [
     ("llama", "q4_k_m", True, 3), ("gpt2", "q4_k_m", False, 3), ("starcoder2", "q4_0", True, 2),
@@ -376,6 +377,7 @@ def trained(tok) -> GPT:
     return model.eval()
 
 
+@pytest.mark.slow
 @needs_llama_cpp
 def test_llama_cpp_q8_0_agrees_on_greedy_tokens(tmp_path, tok, trained):
     summary = write_gguf(trained, tok, tmp_path / "m.gguf", quant="q8_0")

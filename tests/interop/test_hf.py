@@ -32,6 +32,7 @@ def _save_tiny_llama(path, tied: bool = True):
     return hf, tok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_import_hf_matches_transformers(tmp_path, tied):
     hf, tok = _save_tiny_llama(tmp_path / "hf", tied)

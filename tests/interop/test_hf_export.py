@@ -86,6 +86,7 @@ CASES = {  # name: (config fields, the transformers class)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_transformers_computes_slmkit_logits_and_greedy_tokens(tmp_path, tok, name):
     fields, arch = CASES[name]

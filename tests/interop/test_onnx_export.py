@@ -53,8 +53,9 @@ def ids_of(n: int, seed: int = 1) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-# the GPT-2 export (with external data) in the slow lane: each torch.export costs seconds, and the quick lane keeps one
-@pytest.fixture(scope="module", params=["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
+# both exports in the slow lane: one torch.export of even a tiny model costs 10-15 s, the quick lane's whole budget;
+# the quick lane keeps the refusals
+@pytest.fixture(scope="module", params=[pytest.param(style, marks=pytest.mark.slow) for style in ("llama", "gpt2")])
 def exported(request, tok, tmp_path_factory):
     model = tiny(tok, **(LLAMA if request.param == "llama" else GPT2))
     with pytest.MonkeyPatch.context() as mp:

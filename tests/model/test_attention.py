@@ -259,6 +259,7 @@ def test_window_fields_are_ignored_by_full_attention():
     torch.testing.assert_close(a(x)[0], b(x)[0], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_loss_decreases(kind, short_training):
     first, last = short_training(attention=kind, **SMALL)

@@ -52,6 +52,7 @@ def test_a_derived_row_this_build_cannot_make_says_why():
         assert why is None or (d.cls == "very sparse" and "gradual" in why), (d, why)
 
 
+@pytest.mark.slow
 def test_a_tiny_recipe_trains_derives_compares_and_resumes(tiny_data, tmp_path):
     corpus = str(tiny_data.parent / "corpus")
     parent = "dense"
