@@ -531,8 +531,8 @@ TRAIN_FLAGS = {
 # TrainConfig fields `slm finetune` takes as flags (the rest via --set); FinetuneConfig fields it takes as flags
 FINETUNE_TRAIN_FLAGS = ("max_steps", "max_time", "lr", "batch_size", "grad_accum", "schedule", "warmup_steps",
                         "precision", "threads", "seed", "eval_interval", "ckpt_interval")
-FINETUNE_FLAGS = ("task", "method", "lora_rank", "lora_alpha", "lora_dropout", "base_weights", "seq_len", "patience",
-                  "val_fraction", "grad_checkpoint")
+FINETUNE_FLAGS = ("task", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_plus", "base_weights", "seq_len",
+                  "patience", "val_fraction", "grad_checkpoint")
 # DistillConfig fields `slm distill` takes as flags; TrainConfig fields (all of slm train's but --compile)
 DISTILL_FLAGS = ("loss", "alpha", "temperature", "top_k", "hidden_match", "windows")
 DISTILL_TRAIN_FLAGS = tuple(k for k in TRAIN_FLAGS if k != "compile")
@@ -679,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-rank", type=int, help="rank of the LoRA update (default 8)")
     ft.add_argument("--lora-alpha", type=float, help="the update is scaled by alpha/rank (default 16)")
     ft.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
+    ft.add_argument("--lora-plus", type=float, metavar="RATIO",
+                    help="LoRA+: the zero-initialised B factors learn at RATIO x the lr, A at the lr (default 1: "
+                         "plain LoRA; the LoRA+ paper suggests 16 at a lower lr)")
     ft.add_argument("--lora-targets", metavar="LIST",
                     help="comma-separated modules: attn, mlp, attn.qkv, attn.proj, mlp.fc, mlp.proj (default attn,mlp)")
     ft.add_argument("--adapter-only", action="store_true",

@@ -29,6 +29,8 @@ class FinetuneConfig(_Serializable):
     lora_alpha: float = 16.0  # the update is scaled by alpha / rank
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # roles: attn, mlp, attn.qkv, mlp.fc...
+    # LoRA+ (Hayou et al. 2024): B, the zero-initialised factor, learns at lora_plus × the lr; A at the lr. 1 = LoRA
+    lora_plus: float = 1.0
     # write the full model (a LoRA update merged into the base weights); False: only what was trained (adapter, head)
     # plus the lineage to the base, which must stay where it is
     merge: bool = True
@@ -47,6 +49,7 @@ class FinetuneConfig(_Serializable):
         _check(self.lora_rank >= 1, f"FinetuneConfig.lora_rank={self.lora_rank} must be >= 1")
         _check(self.lora_alpha > 0, f"FinetuneConfig.lora_alpha={self.lora_alpha} must be positive")
         _check(0 <= self.lora_dropout < 1, f"FinetuneConfig.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        _check(self.lora_plus >= 1, f"FinetuneConfig.lora_plus={self.lora_plus} must be >= 1 (1 = plain LoRA)")
         _check(bool(self.lora_targets), "FinetuneConfig.lora_targets must name at least one module (attn, mlp, ...)")
         _check(self.seq_len >= 2, f"FinetuneConfig.seq_len={self.seq_len} must be >= 2")
         _check(0 < self.val_fraction < 1, f"FinetuneConfig.val_fraction={self.val_fraction} must be in (0, 1)")

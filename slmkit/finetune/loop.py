@@ -270,8 +270,13 @@ def _param_groups(net: nn.Module, model: GPT, fc: FinetuneConfig, tc: TrainConfi
     if fc.method == "full":
         groups = model.param_groups(tc.weight_decay)
     elif fc.method == "lora":
-        factors = [p for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": factors, "weight_decay": tc.weight_decay, "kind": "matrix"}]
+        factors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # LoRA+: the B factors (zero at init, they make the update) at lora_plus × the schedule's lr, A at 1 ×; plain
+        # LoRA keeps one group (the optimizer state of runs written before LoRA+ resumes as it was)
+        parts = [("lora_a", 1.0), ("lora_b", fc.lora_plus)] if fc.lora_plus != 1 else [("", 1.0)]
+        for part, scale in parts:
+            groups.append({"params": [p for n, p in factors.items() if n.endswith(part)], "kind": "matrix",
+                           "weight_decay": tc.weight_decay, "lr_scale": scale})
     if isinstance(net, Classifier):
         groups.append({"params": list(net.head.parameters()), "weight_decay": 0.0, "kind": "vector",
                        "lr_scale": fc.head_lr / tc.lr})

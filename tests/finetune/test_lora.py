@@ -94,6 +94,30 @@ def test_only_the_adapter_trains():
     assert all(v.abs().sum() > 0 for k, v in lora_state(lora).items() if k.endswith("lora_b"))
 
 
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
+def test_lora_plus_moves_b_at_ratio_times_the_lr(ratio):
+    from slmkit.finetune import FinetuneConfig, default_train_config
+    from slmkit.finetune.loop import _param_groups
+    from slmkit.train.optim import build_optimizer
+
+    lora = add_lora(model(), rank=2, alpha=4).train()
+    tc = default_train_config("lora", lr=1e-3, weight_decay=0.0)
+    opt = build_optimizer(_param_groups(lora, lora, FinetuneConfig(lora_plus=ratio), tc), tc)
+    for group in opt.param_groups:
+        group["lr"] = tc.lr * group.get("lr_scale", 1.0)  # as the loop's schedule sets it
+    before = {k: v.clone() for k, v in lora_state(lora).items()}
+    x = ids()
+    lora(x[:, :-1], x[:, 1:])[1].backward()
+    opt.step()
+    after = lora_state(lora)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(after)
+    # Adam's first step moves each weight by lr · g/|g|: B (zero at init) by its own lr; A not at all, its gradient
+    # is zero while B is
+    for k, v in after.items():
+        moved = (v - before[k]).abs().max().item()
+        assert moved == pytest.approx(tc.lr * ratio if k.endswith("lora_b") else 0.0, rel=1e-4, abs=1e-9), k
+
+
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(SlmError, match=r"rank 64 is larger than the layer blocks\.0\.attn\.qkv \(32 → 64\)"):
         add_lora(model(), rank=64)
