@@ -97,7 +97,8 @@ def domain(base: Path, work: Path, a: argparse.Namespace) -> str:
     for method in a.methods:
         extra = extras[method]
         out = work / f"domain-{method}"
-        extra = extra + (["--schedule", a.schedule] if a.schedule else [])
+        extra = extra + (["--schedule", a.schedule] if a.schedule else []) \
+            + (["--warmup-steps", str(a.warmup_steps)] if a.warmup_steps is not None else [])
         slm("finetune", str(base), "--data", str(shards), "--task", "lm", "--method", method, *extra,
             "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), *a.budget, "--out", str(out),
             "--overwrite", "--quiet", threads=a.threads)
@@ -215,6 +216,7 @@ def main() -> None:
     ap.add_argument("--lora-plus", type=float, help="LoRA+ ratio: B learns at it x the lr (default: slm finetune's, 1)")
     ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help="lr shape, both methods (default: "
                     "slm finetune's)")
+    ap.add_argument("--warmup-steps", type=int, help="lr warm-up steps, both methods (default: slm finetune's, 20)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-bytes", type=int, default=200_000, help="bytes of each held-out set scored")
