@@ -109,6 +109,7 @@ def test_bad_requests_are_one_line():
         factorize_model(tiny(TINY.replace(moe_experts=2, moe_top_k=1)), rank=8)
 
 
+@pytest.mark.slow
 def test_factorize_run_writes_a_checkpoint_every_stage_reads(trained, tmp_path):
     out = factorize_run(trained, tmp_path / "f", rank=8, heal_steps=2)
     meta = json.loads((out / "meta.json").read_text())
@@ -125,6 +126,7 @@ def test_factorize_run_writes_a_checkpoint_every_stage_reads(trained, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.slow
 def test_cli_factorize(trained, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["factorize", str(trained), "--energy", "0.8", "--heal", "1s", "--out", str(out), "--quiet"]) == 0

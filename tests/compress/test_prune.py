@@ -288,6 +288,7 @@ def test_structured_runs_are_smaller_dense_checkpoints_every_stage_reads(trained
     assert len(LLM.load(tmp_path / "qh").generate("the", max_new_tokens=4, temperature=0)) > 0
 
 
+@pytest.mark.slow
 def test_healing_trains_and_keeps_the_mask(trained, tmp_path):
     plain = prune_run(trained, tmp_path / "plain", method="wanda", sparsity=0.5, calib_samples=4)
     healed = prune_run(trained, tmp_path / "healed", method="wanda", sparsity=0.5, calib_samples=4, heal_steps=3,
