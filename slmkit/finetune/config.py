@@ -62,6 +62,9 @@ class FinetuneConfig(_Serializable):
         if not self.merge and self.method == "full":
             raise SlmError("full fine-tuning changes every weight, so it always writes the whole model; --adapter-only "
                            "is for --method lora (or frozen)")
+        if self.lora_plus != 1 and self.method != "lora":
+            raise SlmError(f"--lora-plus scales the learning rate of LoRA's B factors; --method {self.method} has none "
+                           "(use --method lora)")
         if self.base_weights == "int8" and self.method == "full":
             raise SlmError("--base-weights int8 keeps the base frozen; use it with --method lora or frozen")
 

@@ -189,5 +189,9 @@ def test_bad_configs_are_one_line():
         FinetuneConfig(method="frozen")
     with pytest.raises(SlmError, match="always writes the whole model"):
         FinetuneConfig(method="full", merge=False)
+    with pytest.raises(SlmError, match="--lora-plus scales the learning rate of LoRA's B factors; --method full"):
+        FinetuneConfig(method="full", lora_plus=4)
+    with pytest.raises(SlmError, match=r"lora_plus=0.5 must be >= 1"):
+        FinetuneConfig(lora_plus=0.5)
     with pytest.raises(SlmError, match=r"FinetuneConfig.task takes one of lm, classify, chat, not 'x'"):
         FinetuneConfig.from_dict({"task": "x"})
