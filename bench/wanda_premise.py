@@ -1,7 +1,7 @@
 """Why Wanda beats magnitude pruning on one model and not on another (issue 15's Wanda target), in one run per model:
 
 1. The premise: Wanda scores |W_ij|·‖X_j‖, which only differs from |W_ij| where a few input features j carry
-   outsized activations. For every block linear, the spread of its input-feature norms ‖X_j‖ (max / median over j,
+   outsized activations. For every prunable linear, the spread of its input-feature norms ‖X_j‖ (max / median over j,
    on --tokens tokens of Shakespeare) — summarised as the median, 90th percentile and max over the linears.
 2. The comparison group: Wanda (the paper's, and `slm prune --method wanda`) keeps the best half of each output row;
    magnitude keeps the best half of each matrix. The same Wanda score with magnitude's per-matrix group separates
@@ -27,31 +27,21 @@ from bench.common import cpu_model
 
 
 def feature_spread(run: Path, tokens: int) -> list[float]:
-    """max/median of ‖X_j‖ for every block linear of `run`, on the first `tokens` tokens of Shakespeare."""
+    """max/median of ‖X_j‖ for every prunable linear of `run` (what Wanda weighs), on the first `tokens` tokens of
+    Shakespeare; the sums of squares come from the same hooks `slm prune` calibrates with."""
     import torch
 
     from slmkit import checkpoint
+    from slmkit.compress.prune import _input_sumsq, prunable
     from slmkit.data.corpora import iter_documents
 
     ck = checkpoint.load(run)
     model = ck.model.eval()
     text = "\n".join(d.text for d in iter_documents("shakespeare"))[: 20 * tokens]
     ids = torch.tensor(ck.tokenizer.encode(text)[: tokens // 256 * 256]).view(-1, 256)
-    sq: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def f(_mod, inp, _out) -> None:
-            x = inp[0].detach().float().reshape(-1, inp[0].shape[-1])
-            sq[name] = sq.get(name, 0) + (x * x).sum(0)
-        return f
-
-    hooks = [mod.register_forward_hook(hook(n)) for n, mod in model.named_modules()
-             if isinstance(mod, torch.nn.Linear) and n.startswith("blocks.")]
-    with torch.no_grad():
+    with torch.no_grad(), _input_sumsq(list(prunable(model).values())) as sq:
         for row in ids:
             model(row[None])
-    for h in hooks:
-        h.remove()
     return sorted((v.sqrt().max() / v.sqrt().median()).item() for v in sq.values())
 
 
@@ -73,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     spread = feature_spread(a.run, a.tokens)
     print(f"CPU: {cpu_model()}; {a.threads} threads; {a.run}\n")
-    print(f"input-feature norm spread (max/median) over {len(spread)} block linears: median "
+    print(f"input-feature norm spread (max/median) over {len(spread)} prunable linears: median "
           f"{statistics.median(spread):.1f}, p90 {spread[int(0.9 * len(spread))]:.1f}, max {spread[-1]:.1f}")
     if a.no_prune:
         return

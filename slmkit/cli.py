@@ -681,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
     ft.add_argument("--lora-plus", type=float, metavar="RATIO",
                     help="LoRA+: the zero-initialised B factors learn at RATIO x the lr, A at the lr (default 1: "
-                         "plain LoRA; the LoRA+ paper suggests 16 at a lower lr)")
+                         "plain LoRA; an A/B is in docs/benchmarks.md)")
     ft.add_argument("--lora-targets", metavar="LIST",
                     help="comma-separated modules: attn, mlp, attn.qkv, attn.proj, mlp.fc, mlp.proj (default attn,mlp)")
     ft.add_argument("--adapter-only", action="store_true",
