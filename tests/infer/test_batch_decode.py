@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels import CONFIGS, VARIANTS, _cpu_has, _model, use_build  # tests/infer is on sys.path
+from test_kernels import CONFIGS, _model, variant  # noqa: F401  (variant: a fixture; tests/infer is on sys.path)
 
 from slmkit.compress import quantize
 from slmkit.finetune.lora import add_lora
@@ -121,17 +121,8 @@ def test_two_threads_give_each_row_the_same_logits(name, dtype):
     _check(quantize(_model(**CONFIGS[name]), dtype), "int8", 3e-3 if dtype == "fp32" else 0.03, threads=2)
 
 
-@pytest.fixture(params=list(VARIANTS))
-def variant(request, monkeypatch) -> str:
-    """The kernels.c builds of test_kernels.py: native, AVX2 (on AVX-512 machines), scalar."""
-    if request.param == "avx2" and not _cpu_has("avx512f"):
-        pytest.skip("without AVX-512 the native build is the AVX2 one")
-    use_build(VARIANTS[request.param], monkeypatch)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype, name", [("int8", "moe-top2"), ("int4", "llama"), ("bf16", "gpt2")])
-def test_batched_rows_equal_fused_on_each_instruction_path(variant, dtype, name):
+def test_batched_rows_equal_fused_on_each_instruction_path(variant, dtype, name):  # noqa: F811
     """Each build converts the activations of every row in its own way (int8/int4 blocks, bf16, widened weights)."""
     model = quantize(_model(**CONFIGS[name]), dtype)
     seqs = _sequences(2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kernels import CONFIGS, _cpu_has, _fused_logits, _model, use_build  # tests/infer is on sys.path
+from test_kernels import CONFIGS, _cpu_has, _fused_logits, _model, use_build, variant_params  # tests/infer on sys.path
 
 from slmkit.compress import quantize
 from slmkit.infer import kernels, quantized
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler f
 VARIANTS = {"native": "", "avx2": "-mno-avx512f", "no-f16c": "-mno-f16c", "scalar": "-mno-avx2"}
 
 
-@pytest.fixture(params=list(VARIANTS))
+@pytest.fixture(params=variant_params(VARIANTS))
 def variant(request, monkeypatch):
     """Point slmkit.infer.kernels at the build with this variant's flags (each built once per session)."""
     name = request.param

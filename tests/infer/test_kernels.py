@@ -43,7 +43,12 @@ def _cpu_has(flag: str) -> bool:
     return f" {flag} " in Path("/proc/cpuinfo").read_text() + " "
 
 
-@pytest.fixture(params=list(VARIANTS))
+def variant_params(names) -> list:
+    """The builds as fixture params: the quick lane (-m "not slow") checks the native build, the full suite all."""
+    return [pytest.param(n, marks=() if n == "native" else pytest.mark.slow) for n in names]
+
+
+@pytest.fixture(params=variant_params(VARIANTS))
 def variant(request, monkeypatch) -> str:
     name = request.param
     if name == "avx2" and not _cpu_has("avx512f"):
