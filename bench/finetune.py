@@ -118,6 +118,45 @@ def domain(base: Path, work: Path, a: argparse.Namespace) -> str:
                      "BBC bpb"], costs))
 
 
+# --- memory: what LoRA's options cost and save -----------------------------------------------------------------------
+
+MEMORY = {  # label → slm finetune flags
+    "LoRA": ["--method", "lora"],
+    "LoRA + grad checkpointing": ["--method", "lora", "--grad-checkpoint"],
+    "LoRA over an int8 base": ["--method", "lora", "--base-weights", "int8"],
+    "LoRA over an int8 base + grad checkpointing": ["--method", "lora", "--base-weights", "int8", "--grad-checkpoint"],
+    "full + grad checkpointing": ["--method", "full", "--grad-checkpoint"],
+}
+
+
+def memory(base: Path, work: Path, a: argparse.Namespace) -> str:
+    """Each setting of MEMORY for --memory-steps steps at the domain part's shape, in its own process: peak RSS,
+    tokens/s and the run's own held-out loss after those steps (a check that the cheaper settings still learn)."""
+    from slmkit.run import read_meta
+
+    shards = work / f"shakespeare-{base.name}"
+    from slmkit.checkpoint import resolve
+
+    if not shards.exists():
+        slm("data", "prepare", "--corpus", "shakespeare", "--tokenizer", str(resolve(base) / "tokenizer.json"),
+            "--out", str(shards), "--overwrite", "--quiet")
+    rank = ["--lora-rank", str(a.lora_rank), "--lora-alpha", str(2 * a.lora_rank)]
+    rows = []
+    for label, flags in MEMORY.items():
+        out = work / "memory"
+        slm("finetune", str(base), "--data", str(shards), "--task", "lm", *flags,
+            *(rank if "lora" in flags else []), "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
+            "--max-steps", str(a.memory_steps), "--eval-interval", str(a.memory_steps), "--set", "eval_windows=16",
+            "--out", str(out), "--overwrite", "--quiet", threads=a.threads)
+        meta = read_meta(out)
+        res = meta["result"]
+        rows.append([label, f"{meta['params']['trainable']:,}", f"{res['peak_rss_mb']:,.0f}",
+                     f"{res['tokens_per_s']:,.0f}", f"{meta['before']['bpb']:.4f} → {meta['best']['bpb']:.4f}"])
+    return (f"### Memory and speed of LoRA's options ({a.memory_steps} steps of {a.batch_size} x {a.seq_len} tokens "
+            f"each)\n\n" + table(["setting", "trainable params", "peak RSS MB", "tokens/s",
+                                   "val bpb (its own windows)"], rows))
+
+
 # --- 3: classification on BBC news ----------------------------------------------------------------------------------
 
 
@@ -203,7 +242,9 @@ def classify(base: Path, work: Path, a: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", choices=["domain", "classify"], default=["domain", "classify"])
+    ap.add_argument("--parts", nargs="+", choices=["domain", "classify", "memory"], default=["domain", "classify"],
+                    help="memory (not run by default): LoRA's memory options side by side, --memory-steps each")
+    ap.add_argument("--memory-steps", type=int, default=12, help="steps per setting of the memory part (default 12)")
     ap.add_argument("--base", type=Path, help="the model to fine-tune (default: SmolLM2-135M imported from its GGUF)")
     ap.add_argument("--minutes", type=float, default=10, help="domain adaptation budget per method (default 10)")
     ap.add_argument("--clf-minutes", type=float, default=10, help="classification budget per model (default 10)")
@@ -234,7 +275,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         a.work = Path(tmp.name)
         a.budget = a.clf_budget = a.pretrain_budget = ["--max-steps", "3"]
-        a.seq_len, a.batch_size, a.eval_bytes, a.predict_docs = 32, 2, 2000, 8
+        a.seq_len, a.batch_size, a.eval_bytes, a.predict_docs, a.memory_steps = 32, 2, 2000, 8, 3
         a.small_preset, a.small_vocab = "gpt-0.8m", 300
         base = a.base or tiny_base(a.work)
     elif a.base is None:
@@ -248,7 +289,7 @@ def main() -> None:
 
     print(f"CPU: {cpu_model()}; {a.threads} threads; slmkit {slmkit.__version__}; base {base}; "
           f"domain {' '.join(a.budget)} per method, classification {' '.join(a.clf_budget)} per model\n")
-    parts = {"domain": domain, "classify": classify}
+    parts = {"domain": domain, "classify": classify, "memory": memory}
     for name in a.parts:
         print(parts[name](base, a.work, a) + "\n", flush=True)
     print(json.dumps({"cpu": cpu_model(), "args": {k: str(v) for k, v in vars(a).items()}}), file=sys.stderr)

@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base
-        if isinstance(base, nn.Linear) and not base.weight.requires_grad and _bf16_autocast(x):
+        if isinstance(base, nn.Linear) and not base.weight.requires_grad and bf16_autocast(x):
             # Under bf16 autocast every matmul here would round its fp32 operands to bf16 again: x once per matmul,
             # and the frozen weight on every call (autocast caches only the casts of weights that require grad),
             # a visible share of a LoRA step (docs/benchmarks.md, fine-tuning). Round x once, and the weight once
@@ -90,7 +90,8 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}"
 
 
-def _bf16_autocast(x: Tensor) -> bool:
+def bf16_autocast(x: Tensor) -> bool:
+    """Whether a CPU tensor `x` is being computed on under bf16 autocast."""
     cpu = x.device.type == "cpu"
     return cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 

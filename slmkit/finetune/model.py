@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -25,7 +26,7 @@ from slmkit import checkpoint, run
 from slmkit.compress.quantize import quantize
 from slmkit.errors import SlmError
 from slmkit.finetune.data import pad_rows
-from slmkit.finetune.lora import add_lora, load_lora_state, merge_lora
+from slmkit.finetune.lora import add_lora, bf16_autocast, load_lora_state, merge_lora
 from slmkit.infer.neural import _headless
 from slmkit.infer.quantized import QuantLinear
 from slmkit.model import GPT
@@ -37,17 +38,25 @@ from slmkit.tokenizer import Tokenizer
 
 class _FrozenPackedMatmul(torch.autograd.Function):
     """y = layer(x) for a frozen packed (int8) layer, differentiable in x only. The C kernel has no backward, and
-    widening the weight in forward would keep an fp32 copy of every layer alive until backward (an fp32 model's worth
-    of memory): backward widens it for its one matmul and drops it."""
+    keeping a widened weight from forward would hold a wide copy of every layer until backward (an fp32 or bf16 model's
+    worth of memory): each pass widens the weight for its one matmul and drops it. Under bf16 autocast both matmuls
+    run in bf16 on the weight rounded as autocast would round the widened one (the fp32 C path is several times slower
+    there, and its fp32 outputs would double the activations LoRA keeps)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: QuantLinear) -> Tensor:
-        ctx.layer = layer
-        return QuantLinear.forward(layer, x)
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        ctx.bf16 = bf16_autocast(x)
+        if not ctx.bf16:
+            return QuantLinear.forward(layer, x)
+        bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), layer.dequantized().to(torch.bfloat16), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad @ ctx.layer.dequantized().to(grad.dtype), None  # (…, out) @ (out, in)
+        dtype = torch.bfloat16 if ctx.bf16 else grad.dtype
+        dx = grad.to(dtype) @ ctx.layer.dequantized().to(dtype)  # (…, out) @ (out, in)
+        return dx.to(ctx.x_dtype), None
 
 
 def _packed_forward(self: QuantLinear, x: Tensor) -> Tensor:

@@ -145,6 +145,26 @@ def test_lora_over_an_int8_base_starts_at_the_int8_model_and_passes_gradients_to
     assert len(grads) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
+def test_an_int8_base_under_bf16_autocast_computes_in_bf16_on_autocasts_rounding_of_the_widened_weight():
+    """Under bf16 autocast a packed layer's forward and backward are bf16 matmuls on the widened weight rounded as
+    autocast would round it (not the fp32 path, whose fp32 outputs would double what LoRA keeps for backward), and the
+    input's gradient comes back in the input's dtype."""
+    packed = freeze_int8(model(bias=True)).blocks[0].attn.qkv
+    assert isinstance(packed, QuantLinear) and packed.bias is not None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, CFG.n_embd, generator=g, requires_grad=True)
+    w = packed.dequantized().requires_grad_(False)
+    xr = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = packed(x)
+        ref = torch.nn.functional.linear(xr, w, packed.bias)  # autocast rounds xr, w and the bias to bf16
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+    upstream = torch.randn(got.shape, generator=g).to(torch.bfloat16)
+    got.backward(upstream)
+    ref.backward(upstream)
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, xr.grad)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     plain, ckpt = add_lora(model(), rank=2), checkpoint_blocks(add_lora(model(), rank=2))
     x = ids()
