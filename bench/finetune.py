@@ -75,6 +75,17 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
+def shakespeare_shards(base: Path, work: Path) -> Path:
+    """Shakespeare tokenized with the base's tokenizer (seed 0, 10 % held out: what `shakespeare:val` names), prepared
+    once per part for every run in it."""
+    from slmkit.checkpoint import resolve
+
+    shards = work / f"shakespeare-{base.name}"
+    slm("data", "prepare", "--corpus", "shakespeare", "--tokenizer", str(resolve(base) / "tokenizer.json"), "--out",
+        str(shards), "--overwrite", "--quiet")
+    return shards
+
+
 # --- 1 + 2: domain adaptation, LoRA vs full -------------------------------------------------------------------------
 
 
@@ -82,13 +93,7 @@ def domain(base: Path, work: Path, a: argparse.Namespace) -> str:
     from slmkit.run import read_meta
 
     before = bpb(base, [SHK, BBC], a.eval_bytes, a.threads)
-    # Shakespeare with the base's tokenizer, prepared once for both methods (seed 0, 10 % held out: what
-    # `shakespeare:val` names)
-    shards = work / f"shakespeare-{base.name}"
-    from slmkit.checkpoint import resolve
-
-    slm("data", "prepare", "--corpus", "shakespeare", "--tokenizer", str(resolve(base) / "tokenizer.json"), "--out",
-        str(shards), "--overwrite", "--quiet")
+    shards = shakespeare_shards(base, work)
     rows, costs = [], []
     extras = {"lora": ["--lora-rank", str(a.lora_rank), "--lora-alpha", str(2 * a.lora_rank)]
               + (["--lr", str(a.lora_lr)] if a.lora_lr else [])
@@ -134,12 +139,7 @@ def memory(base: Path, work: Path, a: argparse.Namespace) -> str:
     tokens/s and the run's own held-out loss after those steps (a check that the cheaper settings still learn)."""
     from slmkit.run import read_meta
 
-    shards = work / f"shakespeare-{base.name}"
-    from slmkit.checkpoint import resolve
-
-    if not shards.exists():
-        slm("data", "prepare", "--corpus", "shakespeare", "--tokenizer", str(resolve(base) / "tokenizer.json"),
-            "--out", str(shards), "--overwrite", "--quiet")
+    shards = shakespeare_shards(base, work)
     rank = ["--lora-rank", str(a.lora_rank), "--lora-alpha", str(2 * a.lora_rank)]
     rows = []
     for label, flags in MEMORY.items():
