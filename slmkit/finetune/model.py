@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
@@ -47,10 +46,8 @@ class _FrozenPackedMatmul(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, layer: QuantLinear) -> Tensor:
         ctx.layer, ctx.x_dtype = layer, x.dtype
         ctx.bf16 = bf16_autocast(x)
-        if not ctx.bf16:
-            return QuantLinear.forward(layer, x)
-        bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), layer.dequantized().to(torch.bfloat16), bias)
+        # a bf16 input takes QuantLinear's widening path (dequantize, round to the input's dtype, F.linear)
+        return QuantLinear.forward(layer, x.to(torch.bfloat16) if ctx.bf16 else x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
