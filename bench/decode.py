@@ -41,7 +41,7 @@ class Bandwidth:
     the timed runs, because the bandwidth left by other tenants of a shared machine varies."""
 
     def __init__(self, gb: float = 1.0):
-        from slmkit.infer import kernels
+        from slmkit import kernels
 
         self.x = torch.ones(int(gb * 2**30) // 4)
         self.kernels = kernels if kernels.available() else None

@@ -276,8 +276,8 @@ def csr_sweep(a: argparse.Namespace) -> None:
 
     import torch
 
+    from slmkit import kernels
     from slmkit.config import ModelConfig
-    from slmkit.infer import kernels
 
     torch.set_num_threads(a.threads)
     if not kernels.available():

@@ -50,6 +50,12 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def bf16_autocast(x: torch.Tensor) -> bool:
+    """Whether a CPU tensor `x` is being computed on under bf16 autocast."""
+    cpu = x.device.type == "cpu"
+    return cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def console(stderr: bool = False) -> Any:
     """A rich Console for tables: the terminal's width on a terminal; 200 columns when piped or logged (rich's default
     of 80 there truncates wide tables such as `slm presets` and `slm compare` into unreadable "…" cells)."""

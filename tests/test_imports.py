@@ -15,11 +15,12 @@ ROOT = Path(slmkit.__file__).parent
 
 # Lowest first: a module may import only from its own unit or a unit listed before it. The order is the pipeline's
 # (data → tokenizer → model → train → compress → eval → export/serve), with the storage and runtime layers each stage
-# needs placed below the stages: a checkpoint is written by train, so it sits under train; the C kernels and quantized
-# linears are what compress produces modules for, and eval measures decoding through the engine, so infer sits under
-# both. interop (import/export of other formats) sits under api, so `LLM.export` can call it.
+# needs placed below the stages: the C kernels (decoding, and the training loss) sit with the runtime; a checkpoint is
+# written by train, so it sits under train; the quantized linears are what compress produces modules for, and eval
+# measures decoding through the engine, so infer sits under both. interop (import/export of other formats) sits under
+# api, so `LLM.export` can call it.
 LAYERS = (
-    ("errors",), ("fsutil", "versions"), ("runtime",), ("config",), ("run",), ("metrics", "sampling"),
+    ("errors",), ("fsutil", "versions"), ("runtime", "kernels"), ("config",), ("run",), ("metrics", "sampling"),
     ("tokenizer",), ("data",), ("model",), ("checkpoint",), ("train",), ("infer",), ("compress",), ("finetune",),
     ("distill",), ("interop",), ("api",), ("eval",), ("recipes",), ("serve",), ("cli", "__main__", "__init__"),
 )

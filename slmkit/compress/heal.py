@@ -146,7 +146,7 @@ def heal(model: GPT, parent: GPT, data: str | Path, *, max_time: float | None = 
             with torch.no_grad(), autocast(precision):
                 parent_logits, _ = parent(x)
             with autocast(precision):
-                logits, ce = model(x, y)
+                logits, ce = model(x, y, return_logits=True)  # both: the KL term reads the logits
             loss = distill_loss(logits, parent_logits, ce, kl_weight)
             if model.aux_loss is not None:  # MoE load balancing, as the trainer adds it
                 loss = loss + model.aux_loss

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from slmkit.errors import SlmError
 from slmkit.infer.quantized import QuantLinear
 from slmkit.model.ffn import LowRankLinear, MoE
+from slmkit.runtime import bf16_autocast
 
 DEFAULT_TARGETS = ("attn", "mlp")
 
@@ -88,12 +89,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
-
-
-def bf16_autocast(x: Tensor) -> bool:
-    """Whether a CPU tensor `x` is being computed on under bf16 autocast."""
-    cpu = x.device.type == "cpu"
-    return cpu and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def _role(name: str) -> str:

@@ -25,11 +25,11 @@ from slmkit import checkpoint, run
 from slmkit.compress.quantize import quantize
 from slmkit.errors import SlmError
 from slmkit.finetune.data import pad_rows
-from slmkit.finetune.lora import add_lora, bf16_autocast, load_lora_state, merge_lora
+from slmkit.finetune.lora import add_lora, load_lora_state, merge_lora
 from slmkit.infer.neural import _headless
 from slmkit.infer.quantized import QuantLinear
 from slmkit.model import GPT
-from slmkit.runtime import set_threads
+from slmkit.runtime import bf16_autocast, set_threads
 from slmkit.tokenizer import Tokenizer
 
 # --- training-time transforms --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Self
 import torch
 from torch import nn
 
-from slmkit.infer import kernels
+from slmkit import kernels
 from slmkit.infer.quantized import QuantExperts, QuantLinear
 from slmkit.model.ffn import LowRankLinear, MoE
 from slmkit.model.gpt import GPT, KVCache

@@ -9,7 +9,7 @@ int4 layout (llama.cpp's Q4_0 within each 32-weight block, so group 32 maps onto
     scale (N, K/group) fp16: w ≈ q · scale[n, k // group]. The scale of a group is its largest-magnitude weight / -8,
     so that weight lands exactly on q = -8 and the grid spends all 16 levels (Q4_0's rule).
 
-Small batches (decoding) run the kernel in slmkit/infer/kernels.py, which reads the packed weights directly; larger
+Small batches (decoding) run the kernel in slmkit/kernels.py, which reads the packed weights directly; larger
 ones (prefill) widen the weights once per call and use the fp32 matmul.
 """
 
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slmkit import kernels
 from slmkit.errors import SlmError
-from slmkit.infer import kernels
 
 WeightDtype = Literal["fp32", "bf16", "int8", "int4"]
 INT4_GROUPS = (32, 64, 128)

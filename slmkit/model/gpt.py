@@ -21,7 +21,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.model.attention import ATTENTION_KINDS, STATE_ONLY_KINDS, causal_attention, project_qkv, store_kv
 from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
-from slmkit.model.loss import cross_entropy
+from slmkit.model.loss import cross_entropy, linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------------------------
 # positions
@@ -294,9 +294,13 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None, last_only: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 = ignore. Returns logits (B, T|1, V), loss."""
+        self, idx: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None, last_only: bool = False,
+        return_logits: bool = False,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 = ignore. Returns (logits (B, T|1, V), None)
+        without targets; with them (None, loss): the head and the loss run together a chunk of rows at a time
+        (slmkit.model.loss.linear_cross_entropy), no (B, T, V) logits made — or (logits, loss) with
+        return_logits=True."""
         _B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.block_size:
@@ -320,9 +324,11 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None  # (B, 1 or T, V)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = cross_entropy(logits, targets)
-        return logits, loss
+        head = self.lm_head
+        if return_logits or type(head) is not nn.Linear or head.bias is not None:  # a quantized head: its own forward
+            logits = head(x)  # (B, T, V)
+            return logits, cross_entropy(logits, targets)
+        return None, linear_cross_entropy(x, head.weight, targets)
 
     # --- accounting ---------------------------------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from slmkit import kernels
 from slmkit.compress import quantize
 from slmkit.compress.awq import awq_scale
 from slmkit.compress.gptq import gptq, gptq_weight
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
-from slmkit.infer import kernels
 from slmkit.infer.quantized import QuantExperts, QuantLinear, dequantize, pack_int4, quantize_int4, unpack_int4
 from slmkit.model import GPT
 from slmkit.model.ffn import MoE

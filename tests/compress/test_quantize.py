@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from slmkit import kernels
 from slmkit.compress import quantize
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
-from slmkit.infer import kernels
 from slmkit.infer.quantized import QuantExperts, QuantLinear
 from slmkit.model import GPT
 from slmkit.model.ffn import MoE

@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_kernels import CONFIGS, _model, variant  # noqa: F401  (variant: a fixture; tests/infer is on sys.path)
 
+from slmkit import kernels
 from slmkit.compress import quantize
 from slmkit.finetune.lora import add_lora
-from slmkit.infer import kernels
 from slmkit.infer.fused import BatchDecoder, FusedDecoder
 from slmkit.model import GPT
 

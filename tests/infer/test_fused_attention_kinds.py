@@ -12,10 +12,10 @@ import torch
 from test_batch_decode import MAX_LEN, _check  # tests/infer is on sys.path
 from test_kernels import _fused_logits, _model, variant  # noqa: F401  (variant: a fixture; kernels.c builds)
 
+from slmkit import kernels
 from slmkit.compress import quantize
 from slmkit.config import ModelConfig
 from slmkit.finetune.lora import add_lora
-from slmkit.infer import kernels
 from slmkit.infer.fused import BatchDecoder, FusedDecoder
 from slmkit.infer.quantized import QuantLinear
 from slmkit.model import GPT

@@ -54,7 +54,7 @@ def test_zero_groups_and_bad_groups():
 
 
 def test_int4_linear_computes_the_dequantized_product(monkeypatch):
-    from slmkit.infer import kernels
+    from slmkit import kernels
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 24)

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from test_kernels import CONFIGS, _cpu_has, _fused_logits, _model, use_build, variant_params  # tests/infer on sys.path
 
+from slmkit import kernels
 from slmkit.compress import quantize
-from slmkit.infer import kernels, quantized
+from slmkit.infer import quantized
 from slmkit.infer.engine import SamplingParams, generate
 from slmkit.infer.quantized import QuantExperts, QuantLinear, dequantize, quantize_int4, unpack_int4
 
@@ -30,7 +31,7 @@ VARIANTS = {"native": "", "avx2": "-mno-avx512f", "no-f16c": "-mno-f16c", "scala
 
 @pytest.fixture(params=variant_params(VARIANTS))
 def variant(request, monkeypatch):
-    """Point slmkit.infer.kernels at the build with this variant's flags (each built once per session)."""
+    """Point slmkit.kernels at the build with this variant's flags (each built once per session)."""
     name = request.param
     if name == "avx2" and not _cpu_has("avx512_vnni"):
         pytest.skip("without AVX-512 VNNI the native build's int4 dot is the AVX2 one")

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_kernels import use_build, variant  # noqa: F401  (variant: a fixture) tests/infer is on sys.path
 
-from slmkit.infer import kernels
+from slmkit import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the kernels")
 

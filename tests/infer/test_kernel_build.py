@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from slmkit import kernels
 from slmkit.config import ModelConfig
-from slmkit.infer import SamplingParams, generate, kernels
+from slmkit.infer import SamplingParams, generate
 from slmkit.model import GPT
 
 SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
 from slmkit.config import ModelConfig
-from slmkit.infer import SamplingParams, generate, kernels
+from slmkit import kernels
+from slmkit.infer import SamplingParams, generate
 from slmkit.model import GPT
 torch.manual_seed(0)
 m = GPT(ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32, pos="rope")).eval()

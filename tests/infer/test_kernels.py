@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from slmkit import kernels
 from slmkit.compress import quantize
 from slmkit.config import ModelConfig
 from slmkit.finetune.lora import add_lora
-from slmkit.infer import kernels
 from slmkit.infer.engine import SamplingParams, generate
 from slmkit.infer.fused import FusedDecoder
 from slmkit.model import GPT
@@ -27,7 +28,7 @@ _built: dict[str, object] = {}
 
 
 def use_build(flags: str, monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """Point slmkit.infer.kernels at the build of kernels.c with these SLMKIT_KERNEL_FLAGS (built once per session)
+    """Point slmkit.kernels at the build of kernels.c with these SLMKIT_KERNEL_FLAGS (built once per session)
     and return its features; skip when it does not build."""
     if flags not in _built:
         with pytest.MonkeyPatch.context() as mp:
@@ -267,3 +268,24 @@ def test_moe_expert_copies_follow_weight_updates():
     with torch.inference_mode():
         want = model(ids)[0][0, 5:]
     torch.testing.assert_close(_fused_logits(model, ids, 5), want, rtol=1e-4, atol=1e-4)
+
+
+def test_xent_rows_match_torch(variant):
+    """The training loss's rows (slm_xent_rows): each row's loss, and its gradient written over the logits."""
+    g = torch.Generator().manual_seed(5)
+    for dt in (torch.float32, torch.bfloat16):
+        z = (6 * torch.randn(13, 1001, generator=g)).to(dt)
+        z[2, 7] = -200.0  # far below the row's max: exp underflows to 0
+        y, scale = torch.randint(0, 1001, (13,), generator=g), torch.rand(13, generator=g)
+        scale[4] = 0  # an ignored row: a zero gradient
+        ref_z = z.float().clone().requires_grad_()
+        ref = F.cross_entropy(ref_z, y, reduction="none")
+        (ref * scale).sum().backward()
+        out = z.clone()
+        losses = kernels.xent_rows(out, y, scale)
+        torch.testing.assert_close(losses, ref.detach(), rtol=1e-6, atol=2e-6)
+        torch.testing.assert_close(out, ref_z.grad.to(dt), rtol=1e-5, atol=1e-7)  # computed in fp32, rounded once
+        assert torch.all(out[4] == 0)
+        again = z.clone()
+        torch.testing.assert_close(kernels.xent_rows(again, y, None), losses)
+        assert torch.equal(again, z)  # no scale: the logits are left as they were

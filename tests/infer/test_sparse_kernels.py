@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slmkit import kernels
 from slmkit.compress.prune import prune_model
 from slmkit.config import ModelConfig
-from slmkit.infer import kernels
 from slmkit.infer.fused import BatchDecoder, FusedDecoder
 from slmkit.model import GPT
 from tests.conftest import noisy_weights

@@ -91,7 +91,7 @@ def test_returned_loss_is_the_lm_loss_and_aux_is_separate():
     torch.manual_seed(0)
     m = GPT(ModelConfig(**BASE, moe_experts=4, moe_top_k=2, moe_aux_loss_coef=0.5))
     x, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
-    logits, loss = m(x, y)
+    logits, loss = m(x, y, return_logits=True)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 61), y.view(-1)))
     assert m.aux_loss is not None and m.aux_loss.requires_grad
     assert m.aux_loss.item() == pytest.approx(0.5 * sum(c.aux.item() for c in m._moe_calls))

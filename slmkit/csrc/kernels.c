@@ -1,5 +1,5 @@
-/* slmkit CPU inference kernels: weight-only matrix products for small batches and a fused decode step (one token
- * for each of a batch of sequences).
+/* slmkit CPU kernels: weight-only matrix products for small batches and a fused decode step (one token for each of
+ * a batch of sequences); and for training, the cross-entropy of rows of logits with its gradient (slm_xent_rows).
  *
  * Why C: decoding one token of a small model reads every weight once, so its speed is set by memory bandwidth, and
  * at 135M parameters a token is ~10 ms of weight traffic. PyTorch spends about as long again in per-operator overhead
@@ -1626,6 +1626,69 @@ void slm_decode_step(Model* m, int token, int pos, float* logits, int nthreads) 
 /* Which instruction paths this build uses: 1 = int8 VNNI (int8 and int4 weights), 2 = bf16 dot products,
    4 = AVX-512, 8 = AVX2 + FMA (the int8 and int4 dots where VNNI is missing, every other vector loop where AVX-512
    is), 16 = F16C (fp16 scales), 32 = AMX int8 tiles (tile_q8_amx: built, and granted by the kernel). */
+/* --- training: cross-entropy over rows of logits ------------------------------------------------------------------
+
+   slm_xent_rows: for each row r of z (R, V) logits, bf16 (kind W_BF16) or fp32 (W_FP32), the row's loss
+   lse(z_r) - z_r[y_r] into loss[r] (fp32), and, unless grad_scale is NULL, z_r overwritten in place by the gradient
+   grad_scale[r] * (softmax(z_r) - onehot(y_r)), rounded once to z's type (a zero scale writes a zero row). The
+   training loss (slmkit/model/loss.py) calls it on a chunk of rows at a time, right after the chunk's logits are
+   computed, so the logits of a whole batch never exist.
+   Two passes over a row: the max, then the sum of exp(z - max) (the row stays in L1/L2 between them); a third writes
+   the gradient. exp is a Cephes-style polynomial (relative error ~1e-7 on the range used, z - max <= 0) in plain C
+   that GCC vectorizes for any ISA together with the `omp simd` reductions — AVX-512, AVX2 or SSE from one source. */
+static inline float exp_neg(float x) { /* e^x for x <= 0; 0 below -87 (e^-87 ~ 1.6e-38: where fp32 turns subnormal) */
+  const float c = x < -87.f ? -87.f : x;
+  /* n = round(c / ln2) by the 1.5 * 2^23 trick (round-to-nearest, no library call, vectorizes) */
+  const float n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (c - n * 0.693359375f) + n * 2.12194440e-4f; /* c - n ln2, ln2 in two parts */
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  union { uint32_t u; float f; } s;
+  s.u = (uint32_t)((int32_t)n + 127) << 23;
+  return x < -87.f ? 0.f : p * s.f;
+}
+
+void slm_xent_rows(void* z, int kind, int R, int V, const int64_t* y, const float* grad_scale, float* loss,
+                   int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int r = 0; r < R; r++) {
+    const size_t off = (size_t)r * V;
+    const uint16_t* zb = (const uint16_t*)z + off;
+    const float* zf = (const float*)z + off;
+    float m = -INFINITY, s = 0.f;
+    if (kind == W_BF16) {
+      #pragma omp simd reduction(max : m)
+      for (int j = 0; j < V; j++) { const float v = bf16_to_f32(zb[j]); m = v > m ? v : m; } /* fmaxf: a call */
+      #pragma omp simd reduction(+ : s)
+      for (int j = 0; j < V; j++) s += exp_neg(bf16_to_f32(zb[j]) - m);
+    } else {
+      #pragma omp simd reduction(max : m)
+      for (int j = 0; j < V; j++) m = zf[j] > m ? zf[j] : m;
+      #pragma omp simd reduction(+ : s)
+      for (int j = 0; j < V; j++) s += exp_neg(zf[j] - m);
+    }
+    const float lse = m + logf(s);
+    const int64_t t = y[r];
+    loss[r] = lse - (kind == W_BF16 ? bf16_to_f32(zb[t]) : zf[t]);
+    if (!grad_scale) continue;
+    const float g = grad_scale[r];
+    if (kind == W_BF16) {
+      uint16_t* ob = (uint16_t*)z + off;
+      #pragma omp simd
+      for (int j = 0; j < V; j++) ob[j] = f32_to_bf16(g * (exp_neg(bf16_to_f32(ob[j]) - lse) - (j == t)));
+    } else {
+      float* of = (float*)z + off;
+      #pragma omp simd
+      for (int j = 0; j < V; j++) of[j] = g * (exp_neg(of[j] - lse) - (j == t));
+    }
+  }
+}
+
 int slm_features(void) {
   int f = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)

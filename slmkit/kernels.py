@@ -1,6 +1,6 @@
-"""CPU inference kernels in C: weight-only int8 / int4 / bf16 / fp32 and sparse (CSR) matrix products for small
-batches, and a fused decode step for dense transformers: one token for each of a batch of sequences
-(slmkit/infer/csrc/kernels.c explains the numerics).
+"""CPU kernels in C: weight-only int8 / int4 / bf16 / fp32 and sparse (CSR) matrix products for small batches, a
+fused decode step for dense transformers (one token for each of a batch of sequences), and, for training, the
+cross-entropy of rows of logits with their gradient (slmkit/csrc/kernels.c explains the numerics).
 
 Why: decoding one token reads every weight once, so on CPU its speed is the memory bandwidth divided by the bytes of
 the weights (fp32 4 per parameter, bf16 2, int8 1 + one fp32 scale per output row, int4 0.5 + one fp16 scale per
@@ -132,6 +132,9 @@ def _build() -> ctypes.CDLL | None:
                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     lib.slm_decode_batch.restype = None
     lib.slm_features.restype = ctypes.c_int
+    lib.slm_xent_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.slm_xent_rows.restype = None
     return lib
 
 
@@ -354,3 +357,22 @@ def widened_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
         lib.slm_widen(ctypes.byref(m), n0, n1, w.data_ptr(), torch.get_num_threads())
         y[:, n0:n1] = F.linear(x, w[: n1 - n0], None if bias is None else bias[n0:n1].float())
     return y
+
+
+def xent_rows(z: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of each row of logits z (R, V), bf16 or fp32 and contiguous, against targets y (R,) int64 (each in
+    [0, V)): returns the losses lse(z_r) − z_r[y_r] (R,) fp32, and unless `grad_scale` is None overwrites z in place
+    with the gradient grad_scale[r] · (softmax(z_r) − onehot(y_r)) (kernels.c slm_xent_rows)."""
+    if not available():
+        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    if z.dtype not in (torch.bfloat16, torch.float32) or z.dim() != 2 or not z.is_contiguous():
+        raise ValueError(f"need contiguous 2-D bf16 or fp32 logits, not {z.dtype} {list(z.shape)}")
+    R, V = z.shape
+    y = y.to(torch.int64).contiguous()
+    if y.shape != (R,) or (R and (int(y.min()) < 0 or int(y.max()) >= V)):
+        raise ValueError(f"need ({R},) targets in [0, {V})")
+    scale = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
+    loss = torch.empty(R, dtype=torch.float32)
+    _lib.slm_xent_rows(z.data_ptr(), KINDS[z.dtype], R, V, y.data_ptr(),  # type: ignore[union-attr]
+                       _ptr(scale), loss.data_ptr(), torch.get_num_threads())
+    return loss
