@@ -97,7 +97,8 @@ def domain(base: Path, work: Path, a: argparse.Namespace) -> str:
     rows, costs = [], []
     extras = {"lora": ["--lora-rank", str(a.lora_rank), "--lora-alpha", str(2 * a.lora_rank)]
               + (["--lr", str(a.lora_lr)] if a.lora_lr else [])
-              + (["--lora-plus", str(a.lora_plus)] if a.lora_plus else []),
+              + (["--lora-plus", str(a.lora_plus)] if a.lora_plus else [])
+              + (["--lora-layers", str(a.lora_layers)] if a.lora_layers else []),
               "full": ["--grad-checkpoint"]}
     for method in a.methods:
         extra = extras[method]
@@ -255,6 +256,7 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; alpha is twice it (default 8)")
     ap.add_argument("--lora-lr", type=float, help="LoRA peak lr (default: slm finetune's)")
     ap.add_argument("--lora-plus", type=float, help="LoRA+ ratio: B learns at it x the lr (default: slm finetune's, 1)")
+    ap.add_argument("--lora-layers", type=int, help="LoRA on the top N blocks only (default: slm finetune's, all)")
     ap.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help="lr shape, both methods (default: "
                     "slm finetune's)")
     ap.add_argument("--warmup-steps", type=int, help="lr warm-up steps, both methods (default: slm finetune's, 20)")

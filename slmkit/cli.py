@@ -531,8 +531,8 @@ TRAIN_FLAGS = {
 # TrainConfig fields `slm finetune` takes as flags (the rest via --set); FinetuneConfig fields it takes as flags
 FINETUNE_TRAIN_FLAGS = ("max_steps", "max_time", "lr", "batch_size", "grad_accum", "schedule", "warmup_steps",
                         "precision", "threads", "seed", "eval_interval", "ckpt_interval")
-FINETUNE_FLAGS = ("task", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_plus", "base_weights", "seq_len",
-                  "patience", "val_fraction", "grad_checkpoint")
+FINETUNE_FLAGS = ("task", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_plus", "lora_layers",
+                  "base_weights", "seq_len", "patience", "val_fraction", "grad_checkpoint")
 # DistillConfig fields `slm distill` takes as flags; TrainConfig fields (all of slm train's but --compile)
 DISTILL_FLAGS = ("loss", "alpha", "temperature", "top_k", "hidden_match", "windows")
 DISTILL_TRAIN_FLAGS = tuple(k for k in TRAIN_FLAGS if k != "compile")
@@ -684,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "plain LoRA; an A/B is in docs/benchmarks.md)")
     ft.add_argument("--lora-targets", metavar="LIST",
                     help="comma-separated modules: attn, mlp, attn.qkv, attn.proj, mlp.fc, mlp.proj (default attn,mlp)")
+    ft.add_argument("--lora-layers", type=int, metavar="N",
+                    help="adapt only the top N blocks (default: all): the backward pass stops below them, so steps "
+                         "are faster and lighter; what it costs in quality is measured in docs/benchmarks.md")
     ft.add_argument("--adapter-only", action="store_true",
                     help="write only what was trained (LoRA adapter, head) + the lineage to the base, not the merged "
                          "model; the base must stay where it is")

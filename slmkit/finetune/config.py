@@ -29,6 +29,7 @@ class FinetuneConfig(_Serializable):
     lora_alpha: float = 16.0  # the update is scaled by alpha / rank
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # roles: attn, mlp, attn.qkv, mlp.fc...
+    lora_layers: int | None = None  # adapt only the top N blocks (backward stops below them); None = every block
     # LoRA+ (Hayou et al. 2024): B, the zero-initialised factor, learns at lora_plus × the lr; A at the lr. 1 = LoRA
     lora_plus: float = 1.0
     # write the full model (a LoRA update merged into the base weights); False: only what was trained (adapter, head)
@@ -51,6 +52,8 @@ class FinetuneConfig(_Serializable):
         _check(0 <= self.lora_dropout < 1, f"FinetuneConfig.lora_dropout={self.lora_dropout} must be in [0, 1)")
         _check(self.lora_plus >= 1, f"FinetuneConfig.lora_plus={self.lora_plus} must be >= 1 (1 = plain LoRA)")
         _check(bool(self.lora_targets), "FinetuneConfig.lora_targets must name at least one module (attn, mlp, ...)")
+        _check(self.lora_layers is None or self.lora_layers >= 1,
+               f"FinetuneConfig.lora_layers={self.lora_layers} must be >= 1 (or unset: every block)")
         _check(self.seq_len >= 2, f"FinetuneConfig.seq_len={self.seq_len} must be >= 2")
         _check(0 < self.val_fraction < 1, f"FinetuneConfig.val_fraction={self.val_fraction} must be in (0, 1)")
         _check(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
@@ -62,6 +65,9 @@ class FinetuneConfig(_Serializable):
         if not self.merge and self.method == "full":
             raise SlmError("full fine-tuning changes every weight, so it always writes the whole model; --adapter-only "
                            "is for --method lora (or frozen)")
+        if self.lora_layers is not None and self.method != "lora":
+            raise SlmError(f"--lora-layers picks the blocks LoRA adapts; --method {self.method} has no adapters "
+                           "(use --method lora)")
         if self.lora_plus != 1 and self.method != "lora":
             raise SlmError(f"--lora-plus scales the learning rate of LoRA's B factors; --method {self.method} has none "
                            "(use --method lora)")

@@ -309,7 +309,8 @@ def _write_artifact(out: Path, net: nn.Module, model: GPT, base: Base, fc: Finet
             if fc.base_weights == "int8":  # the update goes into the fp32 base weights, never into rounded ones
                 full = load_base(base.path).model
                 if fc.method == "lora":
-                    add_lora(full, rank=fc.lora_rank, alpha=fc.lora_alpha, targets=fc.lora_targets)
+                    add_lora(full, rank=fc.lora_rank, alpha=fc.lora_alpha, targets=fc.lora_targets,
+                             layers=fc.lora_layers)
                     load_lora_state(full, lora_state(model), "the trained adapter")
             else:
                 full = model
@@ -423,7 +424,8 @@ def finetune(
     if fc.base_weights == "int8":
         freeze_int8(model)
     if fc.method == "lora":
-        add_lora(model, rank=fc.lora_rank, alpha=fc.lora_alpha, dropout=fc.lora_dropout, targets=fc.lora_targets)
+        add_lora(model, rank=fc.lora_rank, alpha=fc.lora_alpha, dropout=fc.lora_dropout, targets=fc.lora_targets,
+                 layers=fc.lora_layers)
     for p in model.parameters():
         p.requires_grad_(fc.method == "full" or (fc.method == "lora" and p.requires_grad))
     net: nn.Module = Classifier(model, labelled.labels, tok, max_len=T) if labelled else model
@@ -469,7 +471,7 @@ def finetune(
                         status="running")
         run_meta.setdefault("resumes", []).append({"step": step, "changed": changed, "at": run.now()})
     else:
-        adapter = {"rank": fc.lora_rank, "alpha": fc.lora_alpha, "targets": fc.lora_targets} \
+        adapter = {"rank": fc.lora_rank, "alpha": fc.lora_alpha, "targets": fc.lora_targets, "layers": fc.lora_layers} \
             if fc.method == "lora" else None
         split_sizes = ({s: len(r) for s, r in labelled.splits.items()} if labelled else
                        {s: len(r) for s, r in conv.splits.items()} if conv else None)

@@ -112,11 +112,12 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def add_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-             targets: Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
+             targets: Sequence[str] = DEFAULT_TARGETS, layers: int | None = None) -> nn.Module:
     """Wrap the targeted linears of `model` (a GPT) in `LoRALinear`, freeze every other parameter, and return the
-    model. Only the LoRA factors require grad afterwards.
+    model. Only the LoRA factors require grad afterwards. `layers`: adapt only the top `layers` blocks (None: all);
+    the backward pass then stops below them, so a step costs less (docs/benchmarks.md, fine-tuning).
 
-    >>> add_lora(model, rank=8, alpha=16, targets=["attn.qkv", "mlp"])  # doctest: +SKIP
+    >>> add_lora(model, rank=8, alpha=16, targets=["attn.qkv", "mlp"], layers=15)  # doctest: +SKIP
     """
     if rank < 1:
         raise SlmError(f"LoRA rank {rank} must be >= 1")
@@ -126,6 +127,15 @@ def add_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout: f
     if not targets:
         raise SlmError("give at least one LoRA target module (e.g. attn, mlp, attn.qkv, mlp.fc)")
     found = list(_candidates(model))
+    if layers is not None:
+        blocks = getattr(model, "blocks", None)
+        n = 0 if blocks is None else len(blocks)
+        if blocks is None or n != model.config.n_layer or any(name.startswith("shared_mlp.") for name, _ in found):
+            raise SlmError("LoRA on the top layers only needs a model whose blocks are its own (this one shares "
+                           "layers across depth); leave out --lora-layers")
+        if not 1 <= layers <= n:
+            raise SlmError(f"--lora-layers {layers}: this model has {n} blocks; give 1 to {n}")
+        found = [(name, m) for name, m in found if int(name.split(".")[1]) >= n - layers]
     roles = sorted({_role(n) for n, _ in found})
     chosen = [(n, m) for n, m in found if _matches(_role(n), targets)]
     for t in targets:

@@ -234,7 +234,7 @@ def load_finetuned(path: str | Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     model = load_base(pinned_base(meta, path)).model
     if body == "adapter":
         a = meta["adapter"]
-        add_lora(model, rank=a["rank"], alpha=a["alpha"], targets=a["targets"])
+        add_lora(model, rank=a["rank"], alpha=a["alpha"], targets=a["targets"], layers=a.get("layers"))
         load_lora_state(model, checkpoint.read_weights(path / "adapter.safetensors"), str(path))
         merge_lora(model)
     for p in model.parameters():

@@ -18,11 +18,12 @@ FAST = ["--seq-len", "32", "--batch-size", "4", "--threads", "1", "--precision",
 def test_finetune_then_resume_from_the_command_line(base, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", str(base), "--data", str(corpus), "--max-steps", "5", "--out", str(out),
-                 "--lora-rank", "4", "--lora-targets", "attn.qkv,mlp", "--set", "warmup_steps=1", *FAST]) == 0
+                 "--lora-rank", "4", "--lora-targets", "attn.qkv,mlp", "--lora-layers", "1", "--set", "warmup_steps=1",
+                 *FAST]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("finished: step 5") and "val loss" in line and str(out) in line
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["adapter"] == {"rank": 4, "alpha": 16.0, "targets": ["attn.qkv", "mlp"]}
+    assert meta["adapter"] == {"rank": 4, "alpha": 16.0, "targets": ["attn.qkv", "mlp"], "layers": 1}
     assert meta["train"]["warmup_steps"] == 1 and meta["train"]["lr"] == 1e-3  # the LoRA default lr
     assert main(["finetune", "--resume", str(out), "--max-steps", "7", "--quiet"]) == 0
     assert "step 7" in capsys.readouterr().out

@@ -59,6 +59,12 @@ def test_an_adapter_only_run_loads_as_base_plus_adapter(base, corpus, tmp_path):
     finetune(base, str(corpus), adapter, FinetuneConfig(seq_len=32, merge=False), tc(), progress=False)
     assert not (adapter / "model.safetensors").exists()
     assert sorted(load_file(adapter / "adapter.safetensors"))[0] == "blocks.0.attn.proj.lora_a"
+    # an adapter on the top block only loads onto that block
+    top = tmp_path / "top"
+    finetune(base, str(corpus), top, FinetuneConfig(seq_len=32, merge=False, lora_layers=1), tc(), progress=False)
+    n_layer = json.loads((base / "config.json").read_text())["n_layer"]
+    assert {k.split(".")[1] for k in load_file(top / "adapter.safetensors")} == {str(n_layer - 1)}
+    assert LLM.load(top).model is not None
     torch.testing.assert_close(logits(LLM.load(adapter).model), logits(LLM.load(merged).model), atol=1e-5, rtol=1e-5)
     # slm eval reads it like any run (the held-out split of the data it was tuned on), with the merged run's numbers
     ev = [evaluate(r, max_bytes=4000, threads=1, progress=False)["lm"] for r in (adapter, merged)]
@@ -191,6 +197,10 @@ def test_bad_configs_are_one_line():
         FinetuneConfig(method="full", merge=False)
     with pytest.raises(SlmError, match="--lora-plus scales the learning rate of LoRA's B factors; --method full"):
         FinetuneConfig(method="full", lora_plus=4)
+    with pytest.raises(SlmError, match=r"--lora-layers picks the blocks LoRA adapts; --method full"):
+        FinetuneConfig(method="full", lora_layers=2)
+    with pytest.raises(SlmError, match=r"lora_layers=0 must be >= 1"):
+        FinetuneConfig(lora_layers=0)
     with pytest.raises(SlmError, match=r"lora_plus=0.5 must be >= 1"):
         FinetuneConfig(lora_plus=0.5)
     with pytest.raises(SlmError, match=r"FinetuneConfig.task takes one of lm, classify, chat, not 'x'"):

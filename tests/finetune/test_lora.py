@@ -10,7 +10,7 @@ import torch
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.finetune import LoRALinear, add_lora, merge_lora
-from slmkit.finetune.lora import lora_state
+from slmkit.finetune.lora import lora_layers, lora_state
 from slmkit.finetune.model import checkpoint_blocks, freeze_int8
 from slmkit.infer.quantized import QuantLinear
 from slmkit.model import GPT
@@ -118,6 +118,23 @@ def test_lora_plus_moves_b_at_ratio_times_the_lr(ratio):
         assert moved == pytest.approx(tc.lr * ratio if k.endswith("lora_b") else 0.0, rel=1e-4, abs=1e-9), k
 
 
+def test_top_layers_only_adapts_those_blocks_and_the_backward_stops_below_them():
+    m = add_lora(model(n_layer=3), rank=4, alpha=8, layers=1)
+    parts = ("attn.proj", "attn.qkv", "mlp.fc", "mlp.proj")
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == [
+        f"blocks.2.{part}.{k}" for part in parts for k in ("lora_a", "lora_b")]
+    reached = []
+    for i, block in enumerate(m.blocks):
+        block.register_forward_hook(lambda mod, args, out, i=i: reached.append((i, out.requires_grad)))
+    m.train()
+    with torch.no_grad():
+        for lin in lora_layers(m).values():
+            lin.lora_b.normal_(std=0.1)
+    m(ids(), ids())[1].backward()
+    # below the adapted block nothing needs a gradient: autograd records no graph there and keeps no activations
+    assert reached == [(0, False), (1, False), (2, True)]
+
+
 def test_bad_settings_are_one_line_errors():
     with pytest.raises(SlmError, match=r"rank 64 is larger than the layer blocks\.0\.attn\.qkv \(32 → 64\)"):
         add_lora(model(), rank=64)
@@ -127,6 +144,8 @@ def test_bad_settings_are_one_line_errors():
         add_lora(model(lowrank=8), targets=["mlp"])
     with pytest.raises(SlmError, match=r"matches no linear layer.*Mixture-of-Experts"):
         add_lora(model(moe_experts=4), targets=["mlp"])
+    with pytest.raises(SlmError, match=r"--lora-layers 3: this model has 2 blocks; give 1 to 2"):
+        add_lora(model(), layers=3)
 
 
 def test_lora_over_an_int8_base_starts_at_the_int8_model_and_passes_gradients_to_every_layer():
