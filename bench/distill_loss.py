@@ -7,6 +7,9 @@ logits, so what `slm distill` adds to a step is roughly what this ratio says. In
     python bench/distill_loss.py                         # N = 2,048 positions (batch 8 × 256), V = 49,152, top-64
     python bench/distill_loss.py --positions 512 --vocab 4096 --top-k 32
     python bench/distill_loss.py --dtype bf16            # logits as bf16 autocast leaves them
+    python bench/distill_loss.py --head 576              # the head's matmul and the loss together, from (N, 576)
+                                                         # hidden states under bf16 autocast, the head frozen (LoRA)
+    python bench/distill_loss.py --head 576 --train-head # ... the head trained too (pretraining, full fine-tuning)
 
 Markdown on stdout with the CPU model; the figures go to docs/benchmarks.md.
 """
@@ -34,7 +37,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the logits' dtype")
+    ap.add_argument("--head", type=int, metavar="C", help="time the head (V × C) and the loss together instead, from "
+                    "hidden states of width C under bf16 autocast: PyTorch's F.linear + F.cross_entropy, slmkit's "
+                    "logits path, slmkit's linear_cross_entropy (GPT.forward with targets)")
+    ap.add_argument("--train-head", action="store_true", help="with --head: the head weight is trained too")
     a = ap.parse_args()
+    if a.head:
+        return head(a)
 
     import torch
     import torch.nn.functional as F
@@ -75,6 +84,47 @@ def main() -> None:
     print(f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, V={V:,}, {a.dtype} logits; "
           f"median of {a.repeats} interleaved\n")
     print("| loss, forward + backward | ms | × PyTorch's |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {1000 * statistics.median(ts):,.0f} | {statistics.median(ts) / base:.2f} |")
+
+
+def head(a: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from slmkit.model.loss import cross_entropy, linear_cross_entropy
+
+    torch.set_num_threads(a.threads)
+    N, V, C = a.positions, a.vocab, a.head
+    g = torch.Generator().manual_seed(0)
+    h0, w = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g) / C**0.5
+    w.requires_grad_(a.train_head)
+    y = torch.randint(0, V, (N,), generator=g)
+
+    def timed(loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        h = h0.clone().requires_grad_()
+        w.grad = None
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = loss(h)
+        out.backward()
+        return time.perf_counter() - t
+
+    cases: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "PyTorch F.linear + F.cross_entropy(logits.float())": lambda h: F.cross_entropy(F.linear(h, w).float(), y),
+        "slmkit F.linear + cross_entropy (the logits path)": lambda h: cross_entropy(F.linear(h, w), y),
+        "slmkit linear_cross_entropy (GPT.forward with targets)": lambda h: linear_cross_entropy(h, w, y),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(a.repeats + 2):  # two warm-up rounds
+        for name, fn in cases.items():
+            s = timed(fn)
+            if r >= 2:
+                times[name].append(s)
+    base = statistics.median(next(iter(times.values())))
+    print(f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, head {V:,} × {C}, bf16 autocast, head "
+          f"{'trained' if a.train_head else 'frozen'}; median of {a.repeats} interleaved\n")
+    print("| head + loss, forward + backward | ms | × PyTorch's |\n|---|---|---|")
     for name, ts in times.items():
         print(f"| {name} | {1000 * statistics.median(ts):,.0f} | {statistics.median(ts) / base:.2f} |")
 

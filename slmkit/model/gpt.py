@@ -298,9 +298,9 @@ class GPT(nn.Module):
         return_logits: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -1 = ignore. Returns (logits (B, T|1, V), None)
-        without targets; with them (None, loss): the head and the loss run together a chunk of rows at a time
-        (slmkit.model.loss.linear_cross_entropy), no (B, T, V) logits made — or (logits, loss) with
-        return_logits=True."""
+        without targets; with them (logits, loss), or, when the head is frozen (LoRA), (None, loss): the head and the
+        loss then run together a chunk of rows at a time (slmkit.model.loss.linear_cross_entropy), no (B, T, V)
+        logits made. return_logits=True always returns the logits."""
         _B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.block_size:
@@ -325,7 +325,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None  # (B, 1 or T, V)
         head = self.lm_head
-        if return_logits or type(head) is not nn.Linear or head.bias is not None:  # a quantized head: its own forward
+        # fused only for a frozen head (LoRA, frozen bodies): with a trained one the chunked weight gradient measured
+        # slower than the logits path at SmolLM2's vocabulary (docs/benchmarks.md); a quantized head: its own forward
+        if return_logits or type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
             logits = head(x)  # (B, T, V)
             return logits, cross_entropy(logits, targets)
         return None, linear_cross_entropy(x, head.weight, targets)
