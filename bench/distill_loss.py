@@ -22,9 +22,27 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import cpu_model
+
+
+def compare(cases: dict[str, Callable[[Any], Any]], timed: Callable[[Callable[[Any], Any]], float], repeats: int,
+            what: str, header: str) -> None:
+    """Time every case `repeats` times, interleaved after two warm-up rounds, and print the medians against the
+    first case's as a markdown table under `header`."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(repeats + 2):
+        for name, fn in cases.items():
+            s = timed(fn)
+            if r >= 2:
+                times[name].append(s)
+    base = statistics.median(next(iter(times.values())))
+    print(header + "\n")
+    print(f"| {what} | ms | × PyTorch's |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {1000 * statistics.median(ts):,.0f} | {statistics.median(ts) / base:.2f} |")
 
 
 def main() -> None:
@@ -74,18 +92,9 @@ def main() -> None:
         f"mix, α={a.alpha}, T={a.temperature}, top-{k} (slm distill)": lambda z: distill_loss(
             z.view(1, N, V), y.view(1, N), *rows, loss="mix", alpha=a.alpha, temperature=a.temperature),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(a.repeats + 2):  # two warm-up rounds
-        for name, fn in cases.items():
-            s = timed(fn)
-            if r >= 2:
-                times[name].append(s)
-    base = statistics.median(next(iter(times.values())))
-    print(f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, V={V:,}, {a.dtype} logits; "
-          f"median of {a.repeats} interleaved\n")
-    print("| loss, forward + backward | ms | × PyTorch's |\n|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {1000 * statistics.median(ts):,.0f} | {statistics.median(ts) / base:.2f} |")
+    compare(cases, timed, a.repeats, "loss, forward + backward",
+            f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, V={V:,}, {a.dtype} logits; "
+            f"median of {a.repeats} interleaved")
 
 
 def head(a: argparse.Namespace) -> None:
@@ -115,18 +124,9 @@ def head(a: argparse.Namespace) -> None:
         "slmkit F.linear + cross_entropy (the logits path)": lambda h: cross_entropy(F.linear(h, w), y),
         "slmkit linear_cross_entropy (GPT.forward with targets)": lambda h: linear_cross_entropy(h, w, y),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(a.repeats + 2):  # two warm-up rounds
-        for name, fn in cases.items():
-            s = timed(fn)
-            if r >= 2:
-                times[name].append(s)
-    base = statistics.median(next(iter(times.values())))
-    print(f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, head {V:,} × {C}, bf16 autocast, head "
-          f"{'trained' if a.train_head else 'frozen'}; median of {a.repeats} interleaved\n")
-    print("| head + loss, forward + backward | ms | × PyTorch's |\n|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {1000 * statistics.median(ts):,.0f} | {statistics.median(ts) / base:.2f} |")
+    compare(cases, timed, a.repeats, "head + loss, forward + backward",
+            f"CPU: {cpu_model()}; {a.threads} threads; N={N:,} positions, head {V:,} × {C}, bf16 autocast, head "
+            f"{'trained' if a.train_head else 'frozen'}; median of {a.repeats} interleaved")
 
 
 if __name__ == "__main__":

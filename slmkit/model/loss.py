@@ -16,7 +16,7 @@ checks value and gradient. Under torch.compile the plain F.cross_entropy is used
 matmul and the loss together, a chunk of rows at a time. Each chunk's logits (rows × V) are made, turned into the
 loss and, in place, into their gradient, and multiplied straight back into the gradient of h (and of the weight, when
 it trains); the backward only scales what the forward kept. The (N, V) logits of a batch and their gradient never
-exist: at SmolLM2's vocabulary and 2,048 positions that is 2 × 200 MB of bf16 not written and read back. The per-row
+exist: two (N, V) tensors not written and read back. The per-row
 arithmetic (log-sum-exp, softmax − one-hot) is the C kernel slm_xent_rows where the kernels are built
 (slmkit/kernels.py), PyTorch otherwise.
 """
@@ -99,8 +99,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -1, reduc
     return _CrossEntropy.apply(z, y, ignore_index, reduction == "mean")
 
 
-# rows of logits per chunk of linear_cross_entropy: 2^24 values (32 MB of bf16 at SmolLM2's vocabulary, 341 rows);
-# fewer rows make the head's matmuls slower (docs/benchmarks.md, the fused loss)
+# logits per chunk of linear_cross_entropy: 2^24 values, a few hundred rows at SmolLM2's vocabulary; chunks of few rows
+# make the head's matmuls less efficient
 _FUSED_VALUES = 1 << 24
 
 _rounded: tuple[Any, int, torch.dtype, Tensor] | None = None  # (weakref to a frozen weight, its version, dtype, copy)
@@ -108,7 +108,7 @@ _rounded: tuple[Any, int, torch.dtype, Tensor] | None = None  # (weakref to a fr
 
 def _compute_weight(w: Tensor, dt: torch.dtype) -> Tensor:
     """`w` in dtype dt. A frozen weight (no grad) is rounded once and kept while it is alive and unchanged: a tied
-    embedding of 49,152 × 576 takes a tenth of a second to round, every step."""
+    embedding rounded on every step is a visible share of a LoRA step (docs/benchmarks.md, the fused loss)."""
     global _rounded
     if w.dtype == dt or w.requires_grad:
         return w.to(dt)
