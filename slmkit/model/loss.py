@@ -16,9 +16,8 @@ checks value and gradient. Under torch.compile the plain F.cross_entropy is used
 matmul and the loss together, a chunk of rows at a time. Each chunk's logits (rows × V) are made, turned into the
 loss and, in place, into their gradient, and multiplied straight back into the gradient of h (and of the weight, when
 it trains); the backward only scales what the forward kept. The (N, V) logits of a batch and their gradient never
-exist: two (N, V) tensors not written and read back. The per-row
-arithmetic (log-sum-exp, softmax − one-hot) is the C kernel slm_xent_rows where the kernels are built
-(slmkit/kernels.py), PyTorch otherwise.
+exist: two (N, V) tensors not written and read back. The per-row arithmetic (log-sum-exp, softmax − one-hot) is the
+C kernel slm_xent_rows where the kernels are built (slmkit/kernels.py), PyTorch otherwise.
 """
 
 from __future__ import annotations
