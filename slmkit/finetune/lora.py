@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,37 @@ from slmkit.model.ffn import LowRankLinear, MoE
 from slmkit.runtime import bf16_autocast
 
 DEFAULT_TARGETS = ("attn", "mlp")
+
+
+class _FrozenLoRA(torch.autograd.Function):
+    """y = x Wᵀ + bias + s · (x Aᵀ) Bᵀ over a frozen bf16 W, as one autograd node with its backward written out.
+
+    What autograd would run for LoRALinear's formula, less its extra passes over the (…, out) and (…, in) tensors: the
+    low-rank product accumulates into the base output inside its GEMM (addmm_) instead of a separate add, and the two
+    input gradients (through W and through A) into one buffer the same way; no gradient is formed for the frozen W,
+    and none for x when nothing below needs it. x and W are bf16; A and B are the fp32 masters, rounded once here
+    (their gradients come back in fp32).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+        a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        x2 = x.reshape(-1, x.size(-1))
+        h = (x2 @ a16.t()) * scaling  # (N, r)
+        y = F.linear(x2, w, bias).addmm_(h, b16.t())
+        ctx.save_for_backward(x2, h, w, a16, b16)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x2, h, w, a16, b16 = ctx.saved_tensors
+        gy = gy.reshape(-1, gy.size(-1)).to(torch.bfloat16)
+        gh = (gy @ b16) * ctx.scaling  # (N, r): the gradient of x Aᵀ
+        ga = (gh.t() @ x2).float()  # (r, in)
+        gb = (h.t() @ gy).float().t().contiguous()  # (out, r), formed as (r, out): the faster GEMM layout here
+        gx = (gy @ w).addmm_(gh, a16).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return gx, None, None, ga, gb, None
 
 
 class LoRALinear(nn.Module):
@@ -63,7 +95,10 @@ class LoRALinear(nn.Module):
             key = (w.data_ptr(), w._version)
             if self._rounded is None or self._rounded[0] != key:
                 self._rounded = (key, w.detach().to(torch.bfloat16))
-            y = F.linear(x, self._rounded[1], None if base.bias is None else base.bias.to(torch.bfloat16))
+            bias = None if base.bias is None else base.bias.to(torch.bfloat16)
+            if isinstance(self.dropout, nn.Identity):
+                return _FrozenLoRA.apply(x, self._rounded[1], bias, self.lora_a, self.lora_b, self.scaling)
+            y = F.linear(x, self._rounded[1], bias)
         else:
             y = base(x)
         # two thin matmuls (x·Aᵀ is (…, r)): never the (out, in) product B·A, which would cost a full weight per step;

@@ -41,12 +41,11 @@ def project_qkv(m: nn.Module, x: Tensor, pos: int) -> tuple[Tensor, Tensor, Tens
     return q, k, v
 
 
-# bf16 sequences up to this length take the explicit path (the T×T scores materialised): SDPA's CPU flash kernel tiles
-# its bf16 backward badly. Forward + backward on 2 cores (bench/attention_paths.py, docs/benchmarks.md): T=64 hd=32
-# 1.7 ms explicit vs 7.2 ms SDPA, T=256 6.5 vs 17.8, T=512 hd=64 27 vs 57. Explicit still wins at T=1024 but its
-# scores then cost B·heads·T² memory per layer (100 MB at batch 8 × 6 heads), so longer sequences keep SDPA. fp32
-# keeps SDPA at every length (explicit: 1.2x faster at T=64, slower from T=256; an earlier explicit fp32 path
-# was 1.8x slower at T=64 on the 2026-11-22 Intel Xeon).
+# bf16 sequences up to this length take the explicit path (scores materialised, in query blocks): SDPA's CPU flash
+# kernel tiles its bf16 backward badly, and the explicit path is the faster one at every length bench/attention_paths.py
+# times (docs/benchmarks.md). Longer sequences still take SDPA for memory: the explicit path keeps the softmax of every
+# block for the backward, B·heads·T²/2 values per layer, where SDPA keeps one value per query. fp32 keeps SDPA at every
+# length (the explicit path gains little there, and was slower from T=256 on the 2026-11-22 Intel Xeon).
 EXPLICIT_MAX_T = {torch.bfloat16: 512}
 
 
@@ -61,17 +60,43 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) ->
     return explicit_causal_attention(q, k, v, dropout_p)
 
 
+# the explicit path scores this many query positions at a time (below)
+EXPLICIT_BLOCK = 128
+
+
 def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """Causal attention with the (T, T) scores materialised: q (B, nh, T, hd), k/v (B, nkv, T, hd) → (B, nh, T, hd)."""
+    """Causal attention with the scores materialised: q (B, nh, T, hd), k/v (B, nkv, T, hd) → (B, nh, T, hd).
+
+    Queries go in blocks of EXPLICIT_BLOCK positions, each scored against the keys up to its last position only: the
+    (T, T) upper triangle that causality masks is mostly never computed, and each block's scores stay small enough
+    to sit in cache through the softmax and the product with v (bench/attention_paths.py). Grouped-query heads are
+    never copied: the g query heads sharing a key/value head are stacked as rows of one matrix, ordered (position,
+    head), so a block of positions is a block of rows.
+    """
     B, nh, n, hd = q.shape
-    k, v = _expand_kv(k, nh).reshape(B * nh, n, hd), _expand_kv(v, nh).reshape(B * nh, n, hd)
+    nkv = k.size(1)
+    g = nh // nkv
+    rows = q.view(B, nkv, g, n, hd).transpose(2, 3).reshape(B * nkv, n * g, hd)  # row t·g + j: head j at position t
+    k, v = k.reshape(B * nkv, n, hd), v.reshape(B * nkv, n, hd)
     future = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # keys a query may not see
-    # scale, mask and QKᵀ in one baddbmm; softmax reads bf16 and accumulates in fp32: fewer passes over the T×T scores
-    # than an fp32 copy + masked_fill + softmax (one-off measurement at T=64: 1.15 vs 1.25-1.75 ms per layer, noisy;
-    # the same max error against fp32 SDPA)
-    scores = torch.baddbmm(future.expand(B * nh, n, n), q.reshape(B * nh, n, hd), k.mT, alpha=hd**-0.5)
-    p = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
-    return (p @ v).view(B, nh, n, hd)
+    out = []
+    for start in range(0, n, EXPLICIT_BLOCK):
+        end = min(n, start + EXPLICIT_BLOCK)
+        # whole tensors where a block spans them: a slice would cost a zero-filled copy of its gradient
+        mask = future if start == 0 and end == n else future[start:end, :end]
+        if g > 1:
+            mask = mask.repeat_interleave(g, dim=0)
+        qb = rows if start == 0 and end == n else rows[:, start * g : end * g]
+        kb, vb = (k, v) if end == n else (k[:, :end], v[:, :end])
+        # scale, mask and QKᵀ in one baddbmm; softmax reads bf16 and accumulates in fp32: fewer passes over the
+        # scores than an fp32 copy + masked_fill + softmax
+        scores = torch.baddbmm(mask.expand(B * nkv, -1, -1), qb, kb.mT, alpha=hd**-0.5)
+        p = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
+        out.append(p @ vb)
+    y = out[0] if len(out) == 1 else torch.cat(out, dim=1)  # (B·nkv, T·g, hd)
+    # one copy into (B, T, nh, hd) memory, handed on as the (B, nh, T, hd) view: the caller's transpose back to
+    # (B, T, nh·hd) for the output projection is then free
+    return y.view(B, nkv, n, g, hd).permute(0, 2, 1, 3, 4).reshape(B, n, nh, hd).transpose(1, 2)
 
 
 def store_kv(cache: Any, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -267,7 +267,7 @@ def test_loss_decreases(kind, short_training):
 
 
 @pytest.mark.parametrize("nkv", [4, 2])
-@pytest.mark.parametrize("T", [1, 17, 64, EXPLICIT_MAX_T[torch.bfloat16] + 8])
+@pytest.mark.parametrize("T", [1, 17, 64, 300, EXPLICIT_MAX_T[torch.bfloat16] + 8])
 def test_causal_attention_paths_agree(T, nkv):
     """bf16 causal attention (the explicit path up to EXPLICIT_MAX_T tokens, SDPA above) matches fp32 SDPA in value and
     in the gradients of q, k and v, with grouped-query attention too."""
