@@ -57,10 +57,12 @@ class _FrozenLoRA(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         x2, h, w, a16, b16 = ctx.saved_tensors
         gy = gy.reshape(-1, gy.size(-1)).to(torch.bfloat16)
+        need_x, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 3, 4))
         gh = (gy @ b16) * ctx.scaling  # (N, r): the gradient of x Aᵀ
-        ga = (gh.t() @ x2).float()  # (r, in)
-        gb = (h.t() @ gy).float().t().contiguous()  # (out, r), formed as (r, out): the faster GEMM layout here
-        gx = (gy @ w).addmm_(gh, a16).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        ga = (gh.t() @ x2).float() if need_a else None  # (r, in)
+        # (out, r), formed as (r, out): the faster GEMM layout here
+        gb = (h.t() @ gy).float().t().contiguous() if need_b else None
+        gx = (gy @ w).addmm_(gh, a16).view(ctx.x_shape) if need_x else None
         return gx, None, None, ga, gb, None
 
 

@@ -89,6 +89,13 @@ def test_under_bf16_autocast_a_frozen_base_is_rounded_once_and_the_fused_layer_m
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x.detach()).float().sum().backward()
     torch.testing.assert_close(layer.lora_a.grad, ga, atol=3e-2, rtol=2e-2)
+    layer.lora_a.grad = layer.lora_b.grad = None  # a frozen factor gets no gradient, the other still does
+    layer.lora_b.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x.detach()).float().sum().backward()
+    assert layer.lora_b.grad is None
+    torch.testing.assert_close(layer.lora_a.grad, ga, atol=3e-2, rtol=2e-2)
+    layer.lora_b.requires_grad_(True)
 
     dropped = LoRALinear(base, rank=4, alpha=8, dropout=0.5).eval()  # dropout inactive: the same function
     dropped.load_state_dict(layer.state_dict())
