@@ -45,7 +45,7 @@ def project_qkv(m: nn.Module, x: Tensor, pos: int) -> tuple[Tensor, Tensor, Tens
 # kernel tiles its bf16 backward badly, and the explicit path is the faster one at every length bench/attention_paths.py
 # times (docs/benchmarks.md). Longer sequences still take SDPA for memory: the explicit path keeps the softmax of every
 # block for the backward, B·heads·T²/2 values per layer, where SDPA keeps one value per query. fp32 keeps SDPA at every
-# length (the explicit path gains little there, and was slower from T=256 on the 2026-11-22 Intel Xeon).
+# length (an explicit fp32 path was slower than SDPA from T=256 on the 2026-11-22 Intel Xeon).
 EXPLICIT_MAX_T = {torch.bfloat16: 512}
 
 
@@ -79,14 +79,15 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float 
     rows = q.view(B, nkv, g, n, hd).transpose(2, 3).reshape(B * nkv, n * g, hd)  # row t·g + j: head j at position t
     k, v = k.reshape(B * nkv, n, hd), v.reshape(B * nkv, n, hd)
     future = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # keys a query may not see
+    if g > 1:
+        future = future.repeat_interleave(g, dim=0)  # one mask row per row of `rows`
     out = []
     for start in range(0, n, EXPLICIT_BLOCK):
         end = min(n, start + EXPLICIT_BLOCK)
         # whole tensors where a block spans them: a slice would cost a zero-filled copy of its gradient
-        mask = future if start == 0 and end == n else future[start:end, :end]
-        if g > 1:
-            mask = mask.repeat_interleave(g, dim=0)
-        qb = rows if start == 0 and end == n else rows[:, start * g : end * g]
+        whole = start == 0 and end == n
+        mask = future if whole else future[start * g : end * g, :end]
+        qb = rows if whole else rows[:, start * g : end * g]
         kb, vb = (k, v) if end == n else (k[:, :end], v[:, :end])
         # scale, mask and QKᵀ in one baddbmm; softmax reads bf16 and accumulates in fp32: fewer passes over the
         # scores than an fp32 copy + masked_fill + softmax
