@@ -135,6 +135,13 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_xent_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.slm_xent_rows.restype = None
+    P, I = ctypes.c_void_p, ctypes.c_int
+    lib.slm_rmsnorm_fwd.argtypes = [P, P, I, I, ctypes.c_float, P, P, I]
+    lib.slm_rmsnorm_bwd.argtypes = [P, I, P, P, P, I, I, P, I]
+    lib.slm_swiglu_fwd.argtypes = [P, I, I, P, I]
+    lib.slm_swiglu_bwd.argtypes = [P, P, I, I, P, I]
+    for f in (lib.slm_rmsnorm_fwd, lib.slm_rmsnorm_bwd, lib.slm_swiglu_fwd, lib.slm_swiglu_bwd):
+        f.restype = None
     return lib
 
 
@@ -376,3 +383,60 @@ def xent_rows(z: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None)
     _lib.slm_xent_rows(z.data_ptr(), KINDS[z.dtype], R, V, y.data_ptr(),  # type: ignore[union-attr]
                        _ptr(scale), loss.data_ptr(), torch.get_num_threads())
     return loss
+
+
+def _need(cond: bool, what: str) -> None:
+    if not available():
+        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    if not cond:
+        raise ValueError(what)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of the rows of x (..., C) fp32 contiguous, rounded once to bf16: (y bf16 like x, rstd (rows,) fp32 =
+    1 / sqrt(mean(x²) + eps), what `rmsnorm_backward` needs). weight (C,) fp32 or None (kernels.c slm_rmsnorm_fwd)."""
+    C = x.size(-1)
+    _need(x.dtype == torch.float32 and x.is_contiguous() and (weight is None or (
+        weight.dtype == torch.float32 and weight.shape == (C,) and weight.is_contiguous())),
+        f"need contiguous fp32 rows and a ({C},) fp32 weight, not {x.dtype} {list(x.shape)}")
+    R = x.numel() // C if C else 0
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    rstd = torch.empty(R, dtype=torch.float32)
+    _lib.slm_rmsnorm_fwd(x.data_ptr(), _ptr(weight), R, C, eps, y.data_ptr(),  # type: ignore[union-attr]
+                         rstd.data_ptr(), torch.get_num_threads())
+    return y, rstd
+
+
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                     rstd: torch.Tensor) -> torch.Tensor:
+    """The gradient of `rmsnorm`'s x (fp32, x's shape) from that of y (bf16 or fp32, contiguous) (slm_rmsnorm_bwd)."""
+    C = x.size(-1)
+    _need(dy.shape == x.shape and dy.dtype in (torch.bfloat16, torch.float32) and dy.is_contiguous(),
+          f"need a contiguous bf16 or fp32 gradient of shape {list(x.shape)}, not {dy.dtype} {list(dy.shape)}")
+    dx = torch.empty(x.shape, dtype=torch.float32)
+    _lib.slm_rmsnorm_bwd(dy.data_ptr(), KINDS[dy.dtype], x.data_ptr(), _ptr(weight),  # type: ignore[union-attr]
+                         rstd.data_ptr(), rstd.numel(), C, dx.data_ptr(), torch.get_num_threads())
+    return dx
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up for h (..., 2H) bf16 contiguous, gate the first half: (..., H) bf16, computed in fp32 and
+    rounded once (kernels.c slm_swiglu_fwd)."""
+    _need(h.dtype == torch.bfloat16 and h.is_contiguous() and h.size(-1) % 2 == 0,
+          f"need contiguous bf16 (..., 2H) input, not {h.dtype} {list(h.shape)}")
+    H = h.size(-1) // 2
+    out = torch.empty((*h.shape[:-1], H), dtype=torch.bfloat16)
+    _lib.slm_swiglu_fwd(h.data_ptr(), out.numel() // H if H else 0, H, out.data_ptr(),  # type: ignore[union-attr]
+                        torch.get_num_threads())
+    return out
+
+
+def swiglu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """The gradient of `swiglu`'s input h (bf16, h's shape) from that of its output (bf16, contiguous)."""
+    H = h.size(-1) // 2
+    _need(dout.dtype == torch.bfloat16 and dout.is_contiguous() and dout.shape == (*h.shape[:-1], H),
+          f"need a contiguous bf16 gradient of shape {[*h.shape[:-1], H]}, not {dout.dtype} {list(dout.shape)}")
+    dh = torch.empty(h.shape, dtype=torch.bfloat16)
+    _lib.slm_swiglu_bwd(h.data_ptr(), dout.data_ptr(), dout.numel() // H if H else 0, H,  # type: ignore[union-attr]
+                        dh.data_ptr(), torch.get_num_threads())
+    return dh

@@ -1,5 +1,6 @@
 /* slmkit CPU kernels: weight-only matrix products for small batches and a fused decode step (one token for each of
- * a batch of sequences); and for training, the cross-entropy of rows of logits with its gradient (slm_xent_rows).
+ * a batch of sequences); and for training, the cross-entropy of rows of logits with its gradient (slm_xent_rows),
+ * and RMSNorm and SwiGLU forward and backward in one pass each (slm_rmsnorm_*, slm_swiglu_*).
  *
  * Why C: decoding one token of a small model reads every weight once, so its speed is set by memory bandwidth, and
  * at 135M parameters a token is ~10 ms of weight traffic. PyTorch spends about as long again in per-operator overhead
@@ -1685,6 +1686,101 @@ void slm_xent_rows(void* z, int kind, int R, int V, const int64_t* y, const floa
       float* of = (float*)z + off;
       #pragma omp simd
       for (int j = 0; j < V; j++) of[j] = g * (exp_neg(of[j] - lse) - (j == t));
+    }
+  }
+}
+
+/* --- training: RMSNorm and SwiGLU under bf16 autocast ------------------------------------------------------------
+
+   What a bf16 training step does around its GEMMs (slmkit/model/elementwise.py). In PyTorch an RMSNorm of the fp32
+   residual stream is five operators forward (pow, mean, rsqrt, two multiplies) plus the cast of its output to bf16 for
+   the next linear, and about twice that backward; SwiGLU is silu, a multiply and, backward, three more and a
+   concatenation. Each is a trip through memory for a (rows, C) tensor. Here each is one pass per row, computed in fp32
+   and rounded once.
+
+   slm_rmsnorm_fwd: y_r = bf16(x_r * rstd_r * w) with rstd_r = 1 / sqrt(mean(x_r^2) + eps) (kept for the backward);
+   w NULL = no weight. slm_rmsnorm_bwd: dx_r = rstd_r * g_r - x_r * rstd_r^3 / C * <g_r, x_r>, g = dy * w, dy bf16
+   (dy_kind W_BF16) or fp32 (W_FP32), dx fp32.
+   slm_swiglu_fwd: h (R, 2H) bf16, gate first, up second -> out (R, H) = bf16(silu(gate) * up).
+   slm_swiglu_bwd: dout (R, H) bf16 -> dh (R, 2H) bf16: d gate = dout * up * s * (1 + gate * (1 - s)), s = sigmoid(gate),
+   d up = dout * gate * s. */
+void slm_rmsnorm_fwd(const float* x, const float* w, int R, int C, float eps, uint16_t* y, float* rstd, int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int r = 0; r < R; r++) {
+    const float* xr = x + (size_t)r * C;
+    uint16_t* yr = y + (size_t)r * C;
+    float ss = 0.f;
+    #pragma omp simd reduction(+ : ss)
+    for (int j = 0; j < C; j++) ss += xr[j] * xr[j];
+    const float s = 1.f / sqrtf(ss / (float)C + eps);
+    rstd[r] = s;
+    if (w) {
+      #pragma omp simd
+      for (int j = 0; j < C; j++) yr[j] = f32_to_bf16(xr[j] * s * w[j]);
+    } else {
+      #pragma omp simd
+      for (int j = 0; j < C; j++) yr[j] = f32_to_bf16(xr[j] * s);
+    }
+  }
+}
+
+void slm_rmsnorm_bwd(const void* dy, int dy_kind, const float* x, const float* w, const float* rstd, int R, int C,
+                     float* dx, int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int r = 0; r < R; r++) {
+    const size_t off = (size_t)r * C;
+    const float* xr = x + off;
+    float* g = dx + off; /* dy * w first, in dx's row */
+    if (dy_kind == W_BF16) {
+      const uint16_t* d = (const uint16_t*)dy + off;
+      #pragma omp simd
+      for (int j = 0; j < C; j++) g[j] = bf16_to_f32(d[j]) * (w ? w[j] : 1.f);
+    } else {
+      const float* d = (const float*)dy + off;
+      #pragma omp simd
+      for (int j = 0; j < C; j++) g[j] = d[j] * (w ? w[j] : 1.f);
+    }
+    float dot = 0.f;
+    #pragma omp simd reduction(+ : dot)
+    for (int j = 0; j < C; j++) dot += g[j] * xr[j];
+    const float s = rstd[r], c = dot * s * s * s / (float)C;
+    #pragma omp simd
+    for (int j = 0; j < C; j++) g[j] = s * g[j] - c * xr[j];
+  }
+}
+
+static inline float sigmoid_f(float v) { /* exp_neg's argument stays <= 0 on both sides */
+  const float e = exp_neg(v > 0.f ? -v : v);
+  return v > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
+
+void slm_swiglu_fwd(const uint16_t* h, int R, int H, uint16_t* out, int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int r = 0; r < R; r++) {
+    const uint16_t* gt = h + (size_t)r * 2 * H;
+    const uint16_t* up = gt + H;
+    uint16_t* o = out + (size_t)r * H;
+    #pragma omp simd
+    for (int j = 0; j < H; j++) {
+      const float g = bf16_to_f32(gt[j]);
+      o[j] = f32_to_bf16(g * sigmoid_f(g) * bf16_to_f32(up[j]));
+    }
+  }
+}
+
+void slm_swiglu_bwd(const uint16_t* h, const uint16_t* dout, int R, int H, uint16_t* dh, int nthreads) {
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int r = 0; r < R; r++) {
+    const uint16_t* gt = h + (size_t)r * 2 * H;
+    const uint16_t* up = gt + H;
+    const uint16_t* d = dout + (size_t)r * H;
+    uint16_t* dg = dh + (size_t)r * 2 * H;
+    uint16_t* du = dg + H;
+    #pragma omp simd
+    for (int j = 0; j < H; j++) {
+      const float g = bf16_to_f32(gt[j]), u = bf16_to_f32(up[j]), o = bf16_to_f32(d[j]), s = sigmoid_f(g);
+      dg[j] = f32_to_bf16(o * u * s * (1.f + g * (1.f - s)));
+      du[j] = f32_to_bf16(o * g * s);
     }
   }
 }

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.model.attention import ATTENTION_KINDS, STATE_ONLY_KINDS, causal_attention, project_qkv, store_kv
+from slmkit.model.elementwise import RMSNorm
 from slmkit.model.ffn import LowRankLinear, MoE, make_ffn, make_linear
 from slmkit.model.loss import cross_entropy, linear_cross_entropy
 
@@ -171,9 +172,11 @@ def int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 # blocks
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, bf16_out: bool = False) -> nn.Module:
+    """RMSNorm or LayerNorm. bf16_out: an RMSNorm that feeds a linear, so under CPU bf16 autocast its output may be
+    bf16 from one C pass (slmkit/model/elementwise.py)."""
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps, bf16_out=bf16_out)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
@@ -210,12 +213,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, rotary: Rotary | None, layer: int = 0, shared_mlp: nn.Module | None = None):
         super().__init__()
-        self.norm1 = make_norm(cfg)
+        # a norm's output may come in bf16 (make_norm) where the next part only feeds it to linears
+        self.norm1 = make_norm(cfg, bf16_out=cfg.attention == "full")
         if cfg.attention == "full":
             self.attn = Attention(cfg, rotary)
         else:
             self.attn = ATTENTION_KINDS[cfg.attention](cfg, rotary, layer)
-        self.norm2 = make_norm(cfg)
+        self.norm2 = make_norm(cfg, bf16_out=not cfg.moe_experts)
         if shared_mlp is None:
             self.mlp = make_ffn(cfg)
         else:  # not a submodule of the block: GPT.shared_mlp owns it, so it is stored, counted and decayed once
