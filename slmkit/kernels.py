@@ -140,7 +140,8 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_rmsnorm_bwd.argtypes = [P, I, P, P, P, I, I, P, I]
     lib.slm_swiglu_fwd.argtypes = [P, I, I, P, I]
     lib.slm_swiglu_bwd.argtypes = [P, P, I, I, P, I]
-    for f in (lib.slm_rmsnorm_fwd, lib.slm_rmsnorm_bwd, lib.slm_swiglu_fwd, lib.slm_swiglu_bwd):
+    lib.slm_rope.argtypes = [P, ctypes.c_long, I, I, I, I, I, P, P, ctypes.c_float, P, I]
+    for f in (lib.slm_rmsnorm_fwd, lib.slm_rmsnorm_bwd, lib.slm_swiglu_fwd, lib.slm_swiglu_bwd, lib.slm_rope):
         f.restype = None
     return lib
 
@@ -440,3 +441,23 @@ def swiglu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     _lib.slm_swiglu_bwd(h.data_ptr(), dout.data_ptr(), dout.numel() // H if H else 0, H,  # type: ignore[union-attr]
                         dh.data_ptr(), torch.get_num_threads())
     return dh
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, heads: int, inverse: bool = False
+         ) -> torch.Tensor:
+    """Rotate-half RoPE of x (B, T, heads·hd) bf16, whose rows may be strided (a slice of a fused q/k/v projection's
+    output) but whose values within a row are contiguous: (B, T, heads·hd) bf16 contiguous, row t rotated by position
+    pos + t of the fp32 tables cos/sin (positions, hd). inverse rotates back (the backward). kernels.c slm_rope."""
+    B, T, D = x.shape
+    hd = D // heads if heads else 0
+    _need(x.dtype == torch.bfloat16 and heads > 0 and heads * hd == D and hd % 2 == 0 and x.stride(2) == 1 and
+          x.stride(0) == T * x.stride(1) and cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and
+          sin.is_contiguous() and cos.shape == sin.shape and cos.dim() == 2 and cos.size(1) == hd and
+          pos >= 0 and pos + T <= cos.size(0),
+          f"need bf16 (B, T, {heads}·hd) rows contiguous within and fp32 (positions, hd) tables covering "
+          f"{pos}..{pos + T}, not {x.dtype} {list(x.shape)} strides {list(x.stride())}, tables {list(cos.shape)}")
+    out = torch.empty((B, T, D), dtype=torch.bfloat16)
+    _lib.slm_rope(x.data_ptr(), x.stride(1), B * T, T, heads, hd, pos, cos.data_ptr(),  # type: ignore[union-attr]
+                  sin.data_ptr(), -1.0 if inverse else 1.0, out.data_ptr(), torch.get_num_threads())
+    return out
+

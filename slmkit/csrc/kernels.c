@@ -1,6 +1,6 @@
 /* slmkit CPU kernels: weight-only matrix products for small batches and a fused decode step (one token for each of
  * a batch of sequences); and for training, the cross-entropy of rows of logits with its gradient (slm_xent_rows),
- * and RMSNorm and SwiGLU forward and backward in one pass each (slm_rmsnorm_*, slm_swiglu_*).
+ * and RMSNorm, SwiGLU and RoPE forward and backward in one pass each (slm_rmsnorm_*, slm_swiglu_*, slm_rope).
  *
  * Why C: decoding one token of a small model reads every weight once, so its speed is set by memory bandwidth, and
  * at 135M parameters a token is ~10 ms of weight traffic. PyTorch spends about as long again in per-operator overhead
@@ -1781,6 +1781,31 @@ void slm_swiglu_bwd(const uint16_t* h, const uint16_t* dout, int R, int H, uint1
       const float g = bf16_to_f32(gt[j]), u = bf16_to_f32(up[j]), o = bf16_to_f32(d[j]), s = sigmoid_f(g);
       dg[j] = f32_to_bf16(o * u * s * (1.f + g * (1.f - s)));
       du[j] = f32_to_bf16(o * g * s);
+    }
+  }
+}
+
+/* slm_rope: rotate-half RoPE of H heads of hd values per row, bf16: src row r (row stride in elements) at position
+   pos + r % T -> dst (R, H, hd) contiguous, out_i = x_i cos_i - x_{i+hd/2} sin_i, out_{i+hd/2} = x_{i+hd/2} cos +
+   x_i sin (cos/sin (positions, hd) fp32, RoPE's tables). sign -1 rotates back: the backward of the forward's
+   rotation. Reads q and k straight out of the fused qkv projection's output and writes them in the layout the
+   attention takes. */
+void slm_rope(const uint16_t* src, long row_stride, int R, int T, int H, int hd, int pos, const float* cos_t,
+              const float* sin_t, float sign, uint16_t* dst, int nthreads) {
+  const int half = hd / 2;
+  #pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int r = 0; r < R; r++) {
+    const float* c = cos_t + (size_t)(pos + r % T) * hd;
+    const float* s = sin_t + (size_t)(pos + r % T) * hd;
+    for (int h = 0; h < H; h++) {
+      const uint16_t* x = src + (size_t)r * row_stride + (size_t)h * hd;
+      uint16_t* o = dst + ((size_t)r * H + h) * hd;
+      #pragma omp simd
+      for (int i = 0; i < half; i++) {
+        const float x1 = bf16_to_f32(x[i]), x2 = bf16_to_f32(x[i + half]);
+        o[i] = f32_to_bf16(x1 * c[i] - x2 * sign * s[i]);
+        o[i + half] = f32_to_bf16(x2 * c[i + half] + x1 * sign * s[i + half]);
+      }
     }
   }
 }

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slmkit.config import ModelConfig
+from slmkit.model.elementwise import rope
 from slmkit.model.ffn import make_linear
 
 
@@ -33,11 +34,16 @@ def project_qkv(m: nn.Module, x: Tensor, pos: int) -> tuple[Tensor, Tensor, Tens
     """
     B, T, _ = x.shape
     q, k, v = m.qkv(x).split([m.nh * m.hd, m.nkv * m.hd, m.nkv * m.hd], dim=-1)
+    r = m.rotary
+    # under CPU bf16 autocast q and k are rotated in one C pass each, straight out of the projection (elementwise.py)
+    qr = None if r is None else rope(q, r.cos, r.sin, pos, m.nh)
+    if qr is not None:
+        q, k = qr, rope(k, r.cos, r.sin, pos, m.nkv)
     q = q.view(B, T, m.nh, m.hd).transpose(1, 2)
     k = k.view(B, T, m.nkv, m.hd).transpose(1, 2)
     v = v.view(B, T, m.nkv, m.hd).transpose(1, 2)
-    if m.rotary is not None:
-        q, k = m.rotary(q, pos), m.rotary(k, pos)
+    if r is not None and qr is None:
+        q, k = r(q, pos), r(k, pos)
     return q, k, v
 
 

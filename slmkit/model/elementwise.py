@@ -1,10 +1,11 @@
-"""RMSNorm and SwiGLU for bf16 training on CPU, one pass each (the C kernels slm_rmsnorm_* and slm_swiglu_*).
+"""RMSNorm, SwiGLU and RoPE for bf16 training on CPU, one pass each (kernels.c slm_rmsnorm_*, slm_swiglu_*, slm_rope).
 
 Around the GEMMs of a bf16-autocast training step PyTorch runs each of these as a chain of operators, each a trip
 through memory for a (rows, C) tensor: RMSNorm of the fp32 residual stream is pow, mean, rsqrt and two multiplies,
 then the cast of its output to bf16 for the linear after it, and about twice as many backward; SwiGLU is silu and a
-multiply, backward three more and a concatenation. Here each is one call forward and one backward, in fp32 and rounded
-once to bf16 (PyTorch rounds after every operator, so results agree to bf16 rounding, not bit for bit).
+multiply, backward three more and a concatenation; RoPE rounds its tables to bf16 and, for each of q and k, chunks,
+negates, concatenates, multiplies twice and adds. Here each is one call forward and one backward, computed in fp32
+and rounded once to bf16 (PyTorch rounds after every operator, so results agree to bf16 rounding, not bit for bit).
 
 A block's RMSNorm returns bf16 under bf16 autocast: the linear it feeds rounds its input to bf16 anyway. The final
 norm keeps PyTorch's fp32 output (a classifier pools it in fp32), and so do norms ahead of an MoE layer (whose
@@ -59,7 +60,8 @@ class RMSNorm(nn.RMSNorm):
         self.bf16_out = bf16_out
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.bf16_out and x.dtype == torch.float32 and fused_ok(x):
+        w = self.weight
+        if self.bf16_out and x.dtype == torch.float32 and (w is None or w.dtype == torch.float32) and fused_ok(x):
             eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
             return _RMSNorm.apply(x.contiguous(), self.weight, eps)
         return super().forward(x)
@@ -84,3 +86,26 @@ def swiglu(h: Tensor) -> Tensor:
         return _SwiGLU.apply(h.contiguous())
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor, pos: int, heads: int) -> Tensor:
+        ctx.tables = (cos, sin, pos, heads)
+        return kernels.rope(x, cos, sin, pos, heads)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        cos, sin, pos, heads = ctx.tables
+        return kernels.rope(dy.to(torch.bfloat16).contiguous(), cos, sin, pos, heads, inverse=True), None, None, \
+            None, None
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, pos: int, heads: int) -> Tensor | None:
+    """Rotate-half RoPE of x (B, T, heads·hd), a bf16 slice of the fused q/k/v projection's output, at positions
+    pos.. of the fp32 tables cos/sin (positions, hd): (B, T, heads·hd) bf16 in one C pass, forward and backward, under
+    CPU bf16 autocast; None where the kernel does not apply (the caller then runs PyTorch's formula)."""
+    if x.dtype != torch.bfloat16 or cos.dtype != torch.float32 or x.stride(-1) != 1 or not fused_ok(x):
+        return None  # (a model cast to bf16 has bf16 tables)
+    return _Rope.apply(x, cos, sin, pos, heads)
+

@@ -1,7 +1,7 @@
-"""The one-pass RMSNorm and SwiGLU (slmkit/model/elementwise.py, kernels.c): under bf16 autocast they agree with
-PyTorch's formulas in fp32 to bf16 rounding, forward and backward (the norm's weight gradient too), across odd row
-counts and widths; outside autocast, for the final norm and without the kernels, nothing changes; bad shapes are
-refused."""
+"""The one-pass RMSNorm, SwiGLU and RoPE (slmkit/model/elementwise.py, kernels.c): under bf16 autocast they agree
+with PyTorch's formulas in fp32 to bf16 rounding, forward and backward (the norm's weight gradient too), across odd
+row counts and widths (RoPE on a strided slice, at an offset); outside autocast, for the final norm and without the
+kernels, nothing changes; bad shapes are refused."""
 
 import pytest
 import torch
@@ -128,7 +128,57 @@ def test_moe_blocks_keep_fp32_norm_output():
     lambda: kernels.swiglu(torch.randn(2, 4)),
     lambda: kernels.swiglu(torch.randn(2, 5).bfloat16()),
     lambda: kernels.swiglu_backward(torch.randn(2, 4).bfloat16(), torch.randn(2, 3).bfloat16()),
+    lambda: kernels.rope(torch.randn(1, 4, 8).bfloat16(), torch.ones(3, 8), torch.ones(3, 8), 0, 1),  # tables short
+    lambda: kernels.rope(torch.randn(1, 4, 6).bfloat16(), torch.ones(8, 6), torch.ones(8, 6), 0, 2),  # odd hd
+    lambda: kernels.rope(torch.randn(1, 4, 8), torch.ones(8, 8), torch.ones(8, 8), 0, 1),  # fp32
 ])
 def test_kernels_refuse_bad_operands(call):
     with pytest.raises(ValueError, match="need"):
         call()
+
+
+@needs_kernels
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 20), heads=st.integers(1, 4), half=st.integers(1, 16),
+       pos=st.integers(0, 10), seed=st.integers(0, 2**16))
+def test_rope_matches_rotary_forward_and_backward(b, t, heads, half, pos, seed):
+    """The fused rotation of a strided slice of a q/k/v output, against Rotary's formula in float64."""
+    from slmkit.model.gpt import Rotary
+
+    g = torch.Generator().manual_seed(seed)
+    hd = 2 * half
+    rot = Rotary(hd, 32, 10000.0)
+    qkv = (3 * torch.randn(b, t, 3 * heads * hd, generator=g)).bfloat16().requires_grad_()
+    x = qkv[..., heads * hd : 2 * heads * hd]  # the middle third: rows strided like k out of a fused projection
+    with autocast("bf16"):
+        y = E.rope(x, rot.cos, rot.sin, pos, heads)
+    assert y is not None and y.dtype == torch.bfloat16 and y.shape == x.shape
+    x64 = x.detach().double().requires_grad_()
+    rot64 = Rotary(hd, 32, 10000.0)
+    rot64.cos, rot64.sin = rot.cos.double(), rot.sin.double()
+    y64 = rot64(x64.view(b, t, heads, hd).transpose(1, 2), pos).transpose(1, 2).reshape(b, t, -1)
+    assert rel(y, y64) < 2 ** -8
+    dy = torch.randn(b, t, heads * hd, generator=g).bfloat16()
+    y.backward(dy)
+    y64.backward(dy.double())
+    grad = qkv.grad[..., heads * hd : 2 * heads * hd]
+    assert rel(grad, x64.grad) < 2 ** -7
+    assert not qkv.grad[..., : heads * hd].any() and not qkv.grad[..., 2 * heads * hd :].any()
+
+
+def test_rope_declines_outside_bf16_autocast():
+    x = torch.randn(1, 4, 8).bfloat16()
+    tables = torch.ones(8, 8), torch.zeros(8, 8)
+    assert E.rope(x, *tables, 0, 1) is None  # no autocast: the caller's PyTorch formula
+    with autocast("bf16"):
+        assert E.rope(x.float(), *tables, 0, 1) is None
+
+
+
+def test_a_model_cast_to_bf16_runs_under_autocast():
+    """Weights and RoPE tables in bf16 (model.bfloat16()): the kernels, which take fp32 ones, step aside."""
+    model = GPT(ModelConfig.preset("llama-3m", vocab_size=97)).bfloat16()
+    idx = torch.randint(0, 97, (1, 9))
+    with autocast("bf16"):
+        logits, _ = model(idx)
+    assert logits.shape == (1, 9, 97) and torch.isfinite(logits.float()).all()
