@@ -460,4 +460,3 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, heads:
     _lib.slm_rope(x.data_ptr(), x.stride(1), B * T, T, heads, hd, pos, cos.data_ptr(),  # type: ignore[union-attr]
                   sin.data_ptr(), -1.0 if inverse else 1.0, out.data_ptr(), torch.get_num_threads())
     return out
-

@@ -10,8 +10,8 @@ and rounded once to bf16 (PyTorch rounds after every operator, so results agree 
 A block's RMSNorm returns bf16 under bf16 autocast: the linear it feeds rounds its input to bf16 anyway. The final
 norm keeps PyTorch's fp32 output (a classifier pools it in fp32), and so do norms ahead of an MoE layer (whose
 experts' outputs are summed in the dtype of its input). Taken when the kernels are built, the tensors are on the
-CPU, bf16 autocast is on and torch.compile is not tracing; otherwise the PyTorch formulas. The measured gain is in
-docs/benchmarks.md ("A faster LoRA step").
+CPU, bf16 autocast is on and torch.compile is not tracing; otherwise the PyTorch formulas. bench/fused_step.py
+times them against PyTorch's operators; the figures are in docs/benchmarks.md ("One-pass RMSNorm, SwiGLU and RoPE").
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class RMSNorm(nn.RMSNorm):
         w = self.weight
         if self.bf16_out and x.dtype == torch.float32 and (w is None or w.dtype == torch.float32) and fused_ok(x):
             eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
-            return _RMSNorm.apply(x.contiguous(), self.weight, eps)
+            return _RMSNorm.apply(x.contiguous(), w, eps)
         return super().forward(x)
 
 
@@ -97,8 +97,8 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         cos, sin, pos, heads = ctx.tables
-        return kernels.rope(dy.to(torch.bfloat16).contiguous(), cos, sin, pos, heads, inverse=True), None, None, \
-            None, None
+        dx = kernels.rope(dy.to(torch.bfloat16).contiguous(), cos, sin, pos, heads, inverse=True)
+        return dx, None, None, None, None
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, pos: int, heads: int) -> Tensor | None:
@@ -108,4 +108,3 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, pos: int, heads: int) -> Tensor | 
     if x.dtype != torch.bfloat16 or cos.dtype != torch.float32 or x.stride(-1) != 1 or not fused_ok(x):
         return None  # (a model cast to bf16 has bf16 tables)
     return _Rope.apply(x, cos, sin, pos, heads)
-
