@@ -215,6 +215,11 @@ def has_vnni() -> bool:
     return _VNNI[1]
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -293,8 +298,7 @@ def density(w: torch.Tensor) -> float:
 def sparse_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   values: torch.dtype | None = None) -> torch.Tensor:
     """x (M, K) fp32 @ weightᵀ + bias → (M, N) fp32 through the CSR kernel (`csr`); for tests and measurements."""
-    if not available():
-        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    _require()
     m, _keep = csr(weight, bias, values)  # _keep: the tensors m points into, alive for the call
     x = x.contiguous().float()
     if x.dim() != 2 or x.shape[1] != m.K:
@@ -330,8 +334,7 @@ class _Scratch:
 def _operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
               bias: torch.Tensor | None) -> tuple[torch.Tensor, Mat, ctypes.CDLL]:
     """x as contiguous fp32, the weight's C view, the library; refuses mismatched shapes."""
-    if not available():
-        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    _require()
     x = x.contiguous().float()
     m = mat(weight, scale, bias)
     if x.dim() != 2 or x.shape[1] != m.K:
@@ -371,8 +374,7 @@ def xent_rows(z: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None)
     """Cross-entropy of each row of logits z (R, V), bf16 or fp32 and contiguous, against targets y (R,) int64 (each in
     [0, V)): returns the losses lse(z_r) − z_r[y_r] (R,) fp32, and unless `grad_scale` is None overwrites z in place
     with the gradient grad_scale[r] · (softmax(z_r) − onehot(y_r)) (kernels.c slm_xent_rows)."""
-    if not available():
-        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    _require()
     if z.dtype not in (torch.bfloat16, torch.float32) or z.dim() != 2 or not z.is_contiguous():
         raise ValueError(f"need contiguous 2-D bf16 or fp32 logits, not {z.dtype} {list(z.shape)}")
     R, V = z.shape
@@ -387,8 +389,8 @@ def xent_rows(z: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None)
 
 
 def _need(cond: bool, what: str) -> None:
-    if not available():
-        raise RuntimeError("the C kernels are not available (no C compiler, or SLMKIT_NO_KERNELS is set)")
+    """The kernels built (else RuntimeError), and `cond` holds (else ValueError: what)."""
+    _require()
     if not cond:
         raise ValueError(what)
 
