@@ -1695,8 +1695,8 @@ void slm_xent_rows(void* z, int kind, int R, int V, const int64_t* y, const floa
    What a bf16 training step does around its GEMMs (slmkit/model/elementwise.py). In PyTorch an RMSNorm of the fp32
    residual stream is five operators forward (pow, mean, rsqrt, two multiplies) plus the cast of its output to bf16 for
    the next linear, and about twice that backward; SwiGLU is silu, a multiply and, backward, three more and a
-   concatenation; RoPE (slm_rope, below) six for each of q and k. Each is a trip through memory for a (rows, C) tensor. Here each is one pass per row, computed in fp32
-   and rounded once.
+   concatenation; RoPE (slm_rope, below) six for each of q and k. Each is a trip through memory for a (rows, C)
+   tensor. Here each is one pass per row, computed in fp32 and rounded once.
 
    slm_rmsnorm_fwd: y_r = bf16(x_r * rstd_r * w) with rstd_r = 1 / sqrt(mean(x_r^2) + eps) (kept for the backward);
    w NULL = no weight. slm_rmsnorm_bwd: dx_r = rstd_r * g_r - x_r * rstd_r^3 / C * <g_r, x_r>, g = dy * w, dy bf16
